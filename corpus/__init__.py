@@ -1,0 +1,1 @@
+"""Text sources, task suites, packing into sequences, and the activation/teacher cache."""

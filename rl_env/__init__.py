@@ -1,0 +1,1 @@
+"""Gymnasium environments, reward components and schedules, PPO runs and Tune sweeps."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: architectures, training (a Ray Train job) and SAE metrics."""
