@@ -164,20 +164,22 @@ def build_cache(cfg: CacheConfig, frozen: FrozenLM, progress: bool = True) -> Ac
     shard_seqs = _shard_sequences(cfg)
     wanted = math.ceil(cfg.tokens / cfg.seq_len)
     seq_iter = sequences(cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen)
-    bar = tqdm(total=wanted * cfg.seq_len, unit="tok", unit_scale=True, desc="cache", disable=not progress,
-               initial=sum(e["sequences"] for e in done.values()) * cfg.seq_len)
-    for index in range(math.ceil(wanted / shard_seqs)):
-        chunk = list(islice(seq_iter, min(shard_seqs, wanted - index * shard_seqs)))
-        if not chunk:
-            break
-        if index in done and done[index]["sequences"] == len(chunk):
-            continue
-        tensors = _compute_shard(frozen, chunk, layers, cfg)
-        done[index] = _write_shard(root, index, tensors)
-        manifest["shards"] = [done[i] for i in sorted(done)]
-        write_json_atomic(root / MANIFEST, manifest)
-        bar.update(len(chunk) * cfg.seq_len)
-    bar.close()
+    resumed = sum(e["sequences"] for e in done.values()) * cfg.seq_len
+    if resumed:
+        log.info("resuming %s: %d complete shards (%d tokens) kept", root, len(done), resumed)
+    with tqdm(total=wanted * cfg.seq_len, unit="tok", unit_scale=True, desc="cache", disable=not progress,
+              initial=resumed) as bar:
+        for index in range(math.ceil(wanted / shard_seqs)):
+            chunk = list(islice(seq_iter, min(shard_seqs, wanted - index * shard_seqs)))
+            if not chunk:
+                break
+            if index in done and done[index]["sequences"] == len(chunk):
+                continue
+            tensors = _compute_shard(frozen, chunk, layers, cfg)
+            done[index] = _write_shard(root, index, tensors)
+            manifest["shards"] = [done[i] for i in sorted(done)]
+            write_json_atomic(root / MANIFEST, manifest)
+            bar.update(len(chunk) * cfg.seq_len)
     manifest["shards"] = [done[i] for i in sorted(done) if i <= index]
     manifest["complete"] = True
     write_json_atomic(root / MANIFEST, manifest)

@@ -51,6 +51,11 @@ class CorpusConfig:
             raise ConfigError(f"--eval-fraction: expected a value in [0, 1), got {self.eval_fraction}")
         if self.split == "ood" and not self.ood.strip():
             raise ConfigError("--split ood needs --ood SOURCE (the out-of-domain corpus)")
+        from corpus.sources import parse_sources  # checks files exist before any model is loaded
+
+        parse_sources(self.data, "--data")
+        if self.ood.strip():
+            parse_sources(self.ood, "--ood")
 
 
 def parse_layers(text: str, n_layers: int, flag: str = "--layers") -> list[int]:

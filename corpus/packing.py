@@ -43,12 +43,12 @@ def pack_documents(docs: Iterator[str], tokenizer, seq_len: int, bos_id: int, eo
     for doc in docs:
         buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         buffer.append(eos_id)
-        while len(buffer) > body:  # one extra token: the label of the last position
-            window = buffer[: body + 1]
-            del buffer[:body]
-            tokens = np.array([bos_id] + window[:body], dtype=np.int64)
-            next_ids = np.array(window, dtype=np.int64)
-            yield tokens, next_ids
+        start = 0
+        while len(buffer) - start > body:  # one extra token: the label of the last position
+            window = np.array(buffer[start : start + body + 1], dtype=np.int64)
+            start += body
+            yield np.concatenate(([bos_id], window[:body])), window
+        del buffer[:start]
 
 
 def in_split(tokens: np.ndarray, split: str, eval_fraction: float) -> bool:

@@ -11,11 +11,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from corpus.config import CorpusConfig
 from corpus.tasks import generate_tasks, load_task_file
 from models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from corpus.config import CorpusConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The one exception type that the CLI turns into a one-line message and a non-zero exit."""
 
 
-class ConfigError(ValueError):
+class ConfigError(Exception):
     """Bad user input: a missing file, a layer out of range, an unreachable hub id, ...
 
     The message names the argument and what was expected; it is printed as is.

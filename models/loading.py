@@ -117,7 +117,9 @@ def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a local load takes under a second; its bar is noise
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     model.eval().requires_grad_(False)

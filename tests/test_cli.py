@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from faithlens_cli import COMMANDS, main
+
+
+def _run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, pattern):
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("faithlens")]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_from_its_config(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out
+    assert "embedded:smollm2-135m-instruct" in out  # the field docstring is the help text
+
+
+def test_cache_command_end_to_end(tiny_model_dir, tmp_path, capsys):
+    args = ["cache", "--model", str(tiny_model_dir), "--layers", "2", "--data", "builtin:tasks", "--tokens", "256",
+            "--seq-len", "32", "--out", str(tmp_path), "--dtype", "fp32"]
+    code, out, _ = _run(capsys, *args)
+    assert code == 0
+    assert "cache: 256 tokens, layers 2" in out and str(tmp_path) in out
+
+
+def test_baseline_json_on_tiny_model(tiny_model_dir, tmp_path, capsys):
+    code, out, _ = _run(capsys, "baseline", "--model", str(tiny_model_dir), "--data", "builtin:tasks", "--tokens", "128",
+                        "--seq-len", "32", "--json", "--dtype", "fp32", "--out", str(tmp_path))
+    assert code == 0
+    result = json.loads(out)
+    assert result["tokens"] == 128 and result["model"] == str(tiny_model_dir)
+    assert set(result["frozen"]) == {"ce", "top1_acc", "tokens_per_s", "peak_mem_mb"}
+    layers = {r["layer"]: r for r in result["layers"]}
+    assert sorted(layers) == [3, 4]  # 6, 9, ... do not exist in a 4-block model; 'last' = 4
+    assert layers[4]["logit_lens_kl"] == 0.0 and layers[4]["logit_lens_top1"] == 1.0
+    assert layers[3]["logit_lens_kl"] > 0
+    assert (tmp_path / "baseline.json").is_file() and "| layer |" in (tmp_path / "baseline.md").read_text()
+
+
+def test_bad_inputs_give_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--seq-len", "32", "--tokens", "64", "--out", str(tmp_path / "c"), "--layers", "2"]
+    code, _, err = _run(capsys, "cache", *common, "--layers", "5", "--data", "builtin:tasks")
+    _one_line_error(code, err, "layer 5 is outside the model's range 0..4")
+    code, _, err = _run(capsys, "cache", *common, "--data", str(tmp_path / "missing.txt"))
+    _one_line_error(code, err, "no such file or folder")
+    (tmp_path / "empty.txt").write_text("")
+    code, _, err = _run(capsys, "cache", *common, "--data", str(tmp_path / "empty.txt"))
+    _one_line_error(code, err, "yielded no complete")
+    (tmp_path / "latin.txt").write_bytes("Caf\xe9 ".encode("latin-1") * 200)
+    code, _, err = _run(capsys, "cache", *common, "--data", str(tmp_path / "latin.txt"), "--encoding", "utf-8")
+    _one_line_error(code, err, "latin.txt: not valid utf-8")
+    code, _, err = _run(capsys, "cache", "--model", "nobody/no-such-model", "--data", "builtin:tasks")
+    _one_line_error(code, err, "not a local directory")
+    code, _, err = _run(capsys, "cache", "--model", str(tiny_model_dir), "--tokens", "0")
+    _one_line_error(code, err, "--tokens: expected a positive number")
+    assert not list((tmp_path / "c").rglob("*.safetensors"))  # nothing half-written was left
+
+
+def test_latin1_text_is_read_with_fallback(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "latin.txt").write_bytes("Caf\xe9 society. ".encode("latin-1") * 200)
+    code, out, _ = _run(capsys, "cache", "--model", str(tiny_model_dir), "--seq-len", "32", "--tokens", "64",
+                        "--out", str(tmp_path / "c"), "--data", str(tmp_path / "latin.txt"), "--layers", "2")
+    assert code == 0 and "cache: 64 tokens" in out
+
+
+def test_unknown_command(capsys):
+    code, _, err = _run(capsys, "frobnicate")
+    assert code == 2 and "unknown command 'frobnicate'" in err
