@@ -1,0 +1,1 @@
+"""Benchmarks: throughput and peak memory of each stage, printed and as JSON (`python -m benchmarks`)."""

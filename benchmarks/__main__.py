@@ -1,0 +1,60 @@
+"""`python -m benchmarks [--json]`: print the throughput and peak memory of each stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+
+import tyro
+
+from benchmarks.foundation import bench_foundation
+from models.config import DEFAULT_MODEL
+
+
+@dataclass
+class BenchConfig:
+    model: str = DEFAULT_MODEL
+    """Frozen model: hub id, local directory, or embedded:smollm2-135m-instruct."""
+
+    dtype: str = "auto"
+    """auto, bf16 or fp32."""
+
+    layer: int = 9
+    """Layer for the activations-only pass and the cache."""
+
+    batch: int = 8
+    """Sequences per forward pass."""
+
+    seq_len: int = 256
+    """Tokens per sequence."""
+
+    repeats: int = 3
+    """Timed repeats per measurement (median)."""
+
+    cache_tokens: int = 16_384
+    """Tokens in the benchmark cache build (builtin:tasks corpus, teacher on)."""
+
+    json: bool = False
+    """Print one JSON object instead of a table."""
+
+
+def main() -> None:
+    cfg = tyro.cli(BenchConfig, prog="python -m benchmarks")
+    logging.basicConfig(level=logging.WARNING)
+    results = {"config": asdict(cfg), "foundation": bench_foundation(
+        cfg.model, cfg.layer, cfg.batch, cfg.seq_len, cfg.repeats, cfg.cache_tokens, cfg.dtype)}
+    if cfg.json:
+        print(json.dumps(results))
+        return
+    print(f"benchmarks: {cfg.model}, batch {cfg.batch} x {cfg.seq_len} tokens")
+    for stage, figures in results.items():
+        if stage == "config":
+            continue
+        print(f"\n[{stage}]")
+        for key, value in figures.items():
+            print(f"  {key:<32} {value:,.3f}" if isinstance(value, float) else f"  {key:<32} {value}")
+
+
+if __name__ == "__main__":
+    main()
