@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 
 # command -> (module, config class, function taking the config); imported only when used,
@@ -13,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "Build or resume the activation and teacher cache."),
     "baseline": ("distill.baseline", "distill.baseline:BaselineConfig", "run_baseline",
                  "Layer baselines: frozen-model CE/accuracy and logit-lens KL by layer."),
+    "sae train": ("sae.job", "sae.config:SaeTrainConfig", "run_sae_train",
+                  "Train a sparse autoencoder on one layer (a Ray Train job)."),
+    "sae eval": ("sae.metrics", "sae.metrics:SaeEvalConfig", "run_sae_eval",
+                 "SAE quality metrics on held-out tokens."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }
@@ -20,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: faithlens COMMAND [--help] [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<18} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -30,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands: `faithlens sae train`
+        name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"faithlens: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, config_ref, func_name, help_ = COMMANDS[name]
+    # Ctrl-C must stop a long build cleanly even where a parent shell started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

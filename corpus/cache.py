@@ -145,6 +145,7 @@ def cache_key(cfg: CacheConfig, frozen: FrozenLM, layers: list[int]) -> tuple[st
         "batch_size": cfg.batch_size,
         "shard_sequences": _shard_sequences(cfg),
     }
+    payload = json.loads(json.dumps(payload, sort_keys=True, default=str))  # as the manifest will hold it
     digest = hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=8).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", frozen.name.split("/")[-1].removeprefix("embedded:")).strip("-").lower()
     name = f"{slug}-L{'-'.join(map(str, layers))}-{cfg.split}-{digest}"

@@ -1,0 +1,127 @@
+"""`faithlens sae train`: the activation cache, then SAE training as a Ray Train job, then metrics.
+
+The same code runs a laptop job (one CPU worker) and a cluster job (more workers, GPUs): only
+`--workers` and `--use-gpu` change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from corpus.cache import ActivationCache, build_cache
+from corpus.config import CacheConfig
+from models.io import write_json_atomic
+from models.loading import load_frozen
+from sae.config import SaeTrainConfig
+from sae.train import SaeTrainer
+
+log = logging.getLogger(__name__)
+
+
+def cache_config_for(cfg: SaeTrainConfig, split: str = "train", tokens: int | None = None) -> CacheConfig:
+    """Residuals only (no teacher), enough positions that `tokens` non-BOS tokens remain."""
+    tokens = cfg.tokens if tokens is None else tokens
+    with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
+    return CacheConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=cfg.data, tokens=with_bos,
+                       seq_len=cfg.seq_len, split=split, eval_fraction=cfg.eval_fraction, ood=cfg.ood,
+                       encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed, layers=str(cfg.layer),
+                       out=cfg.cache_dir, teacher=False)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    import ray.train
+
+    cfg = SaeTrainConfig(**{**config["cfg"], "out": Path(config["cfg"]["out"]), "cache_dir": Path(config["cfg"]["cache_dir"])})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    cache = ActivationCache.open(Path(config["cache_root"]), verify=False)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(Path(cfg.out) / "tb"))
+
+    def reporter(step, metrics, checkpoint=None):
+        if writer is not None and "checkpoint_step" not in metrics:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step * cfg.batch_tokens)
+            writer.flush()
+        if "checkpoint_step" in metrics:
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+            ray.train.report({"step": step, **getattr(trainer, "last_metrics", {})}, checkpoint=ckpt)
+
+    trainer = SaeTrainer(cfg, cache, rank, world, device, reporter)
+    if world > 1:
+        trainer.forward_module = ray.train.torch.prepare_model(trainer.sae, move_to_device=False)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.start(resume_from=Path(directory))
+    else:
+        trainer.start()
+    progress = None
+    if rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        progress = tqdm(total=trainer.total_steps, desc=f"sae {cfg.arch} L{cfg.layer}", initial=trainer.state.step)
+    trainer.run(progress)
+    if rank == 0:
+        trainer.finish()
+        if writer is not None:
+            writer.close()
+
+
+def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    cpus = int(ray.available_resources().get("CPU", 1))
+    per_worker = max(1, cpus // cfg.workers)
+    out = Path(cfg.out).resolve()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": {**asdict(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve())},
+                           "cache_root": str(cache.root.resolve())},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": per_worker}),
+        run_config=RunConfig(
+            name="ray", storage_path=str(out / "ray_results"),
+            failure_config=FailureConfig(max_failures=3),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+def run_sae_train(cfg: SaeTrainConfig) -> Path:
+    frozen = load_frozen(cfg)
+    frozen.check_layer(cfg.layer)
+    cache = build_cache(cache_config_for(cfg), frozen)
+    print(f"training cache: {cache.tokens:,} tokens at {cache.root}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    run_ray_training(cfg, cache)
+    sae_dir = out / "sae"
+    print(f"SAE saved to {sae_dir} (cfg.json, sae.safetensors); TensorBoard: tensorboard --logdir {out / 'tb'}")
+    if cfg.eval_tokens:
+        from sae.metrics import SaeEvalConfig, run_sae_eval
+
+        run_sae_eval(SaeEvalConfig(sae=sae_dir, model=cfg.model, dtype=cfg.dtype, data=cfg.data, ood=cfg.ood,
+                                   tokens=cfg.eval_tokens, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
+                                   encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed,
+                                   out=out / "metrics.json"), frozen=frozen)
+    return sae_dir

@@ -1,0 +1,266 @@
+"""Sparse autoencoders over a residual stream: ReLU + L1, TopK and BatchTopK behind one interface.
+
+Sparse latents travel as fixed-width (values, indices) pairs, so their cost does not grow with
+the SAE width. For TopK-style SAEs the encoder's backward pass and the decoder run sparse (only
+the selected latents' rows of the weights receive gradients), which is what makes CPU training fast.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.errors import ConfigError
+from models.io import atomic_path
+from sae.config import SaeConfig
+
+_CHUNK = 256  # tokens per chunk when gathering decoder rows in backward passes
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+class EncoderOutput(NamedTuple):
+    acts_NK: Tensor
+    """Latent activations, zero where a slot is unused."""
+    indices_NK: Tensor
+    """Latent ids of the slots."""
+    aux_acts_NA: Tensor | None = None
+    """AuxK: activations of the top dead latents (training only)."""
+    aux_indices_NA: Tensor | None = None
+
+
+class ForwardOutput(NamedTuple):
+    sae_out_ND: Tensor
+    acts_NK: Tensor
+    indices_NK: Tensor
+    fvu: Tensor
+    """Σ‖x − x̂‖² / Σ‖x − x̄‖² over the batch."""
+    mse: Tensor
+    """Mean squared error per element."""
+    l1: Tensor
+    """Mean over tokens of Σ_i f_i (decoder rows have unit norm, so this is Σ_i f_i‖d_i‖)."""
+    auxk_loss: Tensor
+    """Σ‖e − ê‖² / Σ‖e − ē‖² for the residual e = x − x̂ rebuilt from dead latents (0 when unused)."""
+    l0: Tensor
+    """Mean number of non-zero latents per token."""
+
+
+def _csr_t_matmul(indices_NK: Tensor, values_NK: Tensor, dense_ND: Tensor, n_rows: int) -> Tensor:
+    """Σ_n Σ_j values[n, j] · dense[n] into row indices[n, j] of an [n_rows, D] result."""
+    n, k = indices_NK.shape
+    crow = torch.arange(0, n * k + 1, k, device=indices_NK.device)
+    g = torch.sparse_csr_tensor(crow, indices_NK.reshape(-1), values_NK.reshape(-1).to(dense_ND.dtype), (n, n_rows), check_invariants=False)
+    return g.t() @ dense_ND
+
+
+def _gather_dot(weight_FD: Tensor, indices_NK: Tensor, grad_ND: Tensor) -> Tensor:
+    """out[n, j] = weight[indices[n, j]] · grad[n], in chunks to bound memory."""
+    out = torch.empty(indices_NK.shape, dtype=grad_ND.dtype, device=grad_ND.device)
+    for s in range(0, indices_NK.shape[0], _CHUNK):
+        rows = weight_FD[indices_NK[s : s + _CHUNK]]  # [c, K, D]
+        out[s : s + _CHUNK] = torch.bmm(rows, grad_ND[s : s + _CHUNK, :, None]).squeeze(-1)
+    return out
+
+
+class _SparseEncode(torch.autograd.Function):
+    """relu(x Wᵀ + b) restricted to the top `width` latents per token (+ the AuxK dead latents).
+
+    Forward does one dense matmul (optionally in bf16, for selection speed); backward only
+    touches the selected latents.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux):
+        pre_NF = F.linear(x_ND.to(compute_dtype), W_FD.to(compute_dtype)).float() + b_F
+        acts, idx = pre_NF.topk(width, dim=-1, sorted=False)
+        acts = acts.relu()
+        aux_acts = aux_idx = None
+        if dead_mask_F is not None and k_aux > 0 and bool(dead_mask_F.any()):
+            masked = pre_NF.masked_fill_(~dead_mask_F, float("-inf"))
+            masked.scatter_(-1, idx, float("-inf"))  # not the latents already selected
+            k_aux = min(k_aux, int(dead_mask_F.sum()))
+            aux_acts, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            aux_acts = aux_acts.relu()  # -inf (too few candidates) -> 0
+        ctx.save_for_backward(x_ND, W_FD, idx, acts, aux_idx, aux_acts)
+        ctx.mark_non_differentiable(idx)
+        if aux_idx is not None:
+            ctx.mark_non_differentiable(aux_idx)
+        return acts, idx, aux_acts, aux_idx
+
+    @staticmethod
+    def backward(ctx, grad_acts, grad_idx, grad_aux, grad_aux_idx):
+        x, W, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
+        grads, ids = [grad_acts * (acts > 0)], [idx]
+        if aux_idx is not None and grad_aux is not None:
+            grads.append(grad_aux * (aux_acts > 0))
+            ids.append(aux_idx)
+        g = torch.cat(grads, dim=1)
+        i = torch.cat(ids, dim=1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(i, W, per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _csr_t_matmul(i, g, x.float(), W.shape[0])
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, i.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_j acts[n, j] · W[indices[n, j]] with a sparse backward."""
+
+    @staticmethod
+    def forward(ctx, acts_NK, indices_NK, W_FD):
+        ctx.save_for_backward(acts_NK, indices_NK, W_FD)
+        return F.embedding_bag(indices_NK, W_FD, per_sample_weights=acts_NK, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        acts, idx, W = ctx.saved_tensors
+        grad_acts = _gather_dot(W, idx, grad_ND) if ctx.needs_input_grad[0] else None
+        grad_W = _csr_t_matmul(idx, acts, grad_ND, W.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_acts, None, grad_W
+
+
+class SparseAutoencoder(nn.Module):
+    """x̂ = Σ_i f_i(x) d_i + b_dec, with f from relu / topk / batchtopk encoders.
+
+    Inputs are the raw residual stream: the training-time normalisation (E‖x‖² = d_in) is
+    folded into the weights when the SAE is saved.
+    """
+
+    def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.num_latents
+        self.W_enc = nn.Parameter(torch.zeros(n, d, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device))
+        self.W_dec = nn.Parameter(torch.zeros(n, d, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        # BatchTopK at inference: latents fire above this activation (set from training batches).
+        self.register_buffer("threshold", torch.zeros((), device=device))
+        self.encoder_dtype = torch.float32
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows; encoder = decoder transposed (tied initialisation)."""
+        with torch.no_grad():
+            w = torch.randn(self.W_dec.shape, generator=generator, device="cpu").to(self.W_dec.device)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec * (0.1 if self.cfg.arch == "relu" else 1.0))
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    # -- encode / decode -------------------------------------------------------------------
+    def encode(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
+        """Sparse latents of a batch: `sparse_width` (value, index) slots per token."""
+        cfg = self.cfg
+        x_in = x_ND.float() - self.b_dec
+        if cfg.arch == "relu":
+            acts_NF = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
+            vals, idx = acts_NF.topk(cfg.sparse_width, dim=-1, sorted=False)
+            return EncoderOutput(vals, idx)
+        width = cfg.k if cfg.arch == "topk" else cfg.sparse_width
+        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux)
+        if cfg.arch == "batchtopk":
+            vals = vals * self._batchtopk_mask(vals)
+        return EncoderOutput(vals, idx, aux_vals, aux_idx)
+
+    def _batchtopk_mask(self, vals_NK: Tensor) -> Tensor:
+        if not self.training:
+            return (vals_NK > self.threshold).to(vals_NK.dtype)
+        n_keep = min(self.cfg.k * vals_NK.shape[0], vals_NK.numel())
+        flat = vals_NK.detach().flatten()
+        kth = flat.topk(n_keep, sorted=False).values.min()
+        return (vals_NK >= kth).to(vals_NK.dtype) * (vals_NK > 0)
+
+    def decode(self, acts_NK: Tensor, indices_NK: Tensor) -> Tensor:
+        return _SparseDecode.apply(acts_NK, indices_NK, self.W_dec) + self.b_dec
+
+    def encode_dense(self, x_ND: Tensor) -> Tensor:
+        """All latents as a dense [N, num_latents] tensor (for analysis, not training)."""
+        enc = self.encode(x_ND)
+        return torch.zeros(x_ND.shape[0], self.cfg.num_latents, device=x_ND.device).scatter_(1, enc.indices_NK, enc.acts_NK)
+
+    def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> ForwardOutput:
+        x = x_ND.float()
+        if self.cfg.arch == "relu":
+            x_in = x - self.b_dec
+            acts_NF = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
+            sae_out = acts_NF @ self.W_dec + self.b_dec
+            l1 = acts_NF.sum(-1).mean()
+            l0 = (acts_NF > 0).float().sum(-1).mean()
+            vals, idx = acts_NF.detach().topk(self.cfg.sparse_width, dim=-1, sorted=False)
+            auxk = sae_out.new_zeros(())
+        else:
+            enc = self.encode(x, dead_mask_F, k_aux)
+            vals, idx = enc.acts_NK, enc.indices_NK
+            sae_out = self.decode(vals, idx)
+            l1 = vals.sum(-1).mean()
+            l0 = (vals > 0).float().sum(-1).mean()
+            auxk = self._auxk_loss(x, sae_out, enc)
+        residual = x - sae_out
+        total_var = (x - x.mean(0)).pow(2).sum()
+        fvu = residual.pow(2).sum() / total_var.clamp_min(1e-12)
+        mse = residual.pow(2).mean()
+        return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0)
+
+    def _auxk_loss(self, x: Tensor, sae_out: Tensor, enc: EncoderOutput) -> Tensor:
+        if enc.aux_acts_NA is None:
+            return sae_out.new_zeros(())
+        e = (x - sae_out).detach()
+        e_hat = _SparseDecode.apply(enc.aux_acts_NA, enc.aux_indices_NA, self.W_dec)
+        return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    # -- constraints -----------------------------------------------------------------------
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # -- artifacts -------------------------------------------------------------------------
+    def save(self, directory: Path, input_scale: float = 1.0, extra: dict | None = None) -> None:
+        """Write cfg.json + sae.safetensors atomically, folding the input scale into the weights.
+
+        Trained on x·s, the SAE becomes one on x: W_enc·s, b_dec/s, W_dec/s (rows then have norm 1/s).
+        """
+        s = float(input_scale)
+        tensors = {
+            "W_enc": (self.W_enc.detach() * s).contiguous().cpu(),
+            "b_enc": self.b_enc.detach().contiguous().cpu(),
+            "W_dec": (self.W_dec.detach() / s).contiguous().cpu(),
+            "b_dec": (self.b_dec.detach() / s).contiguous().cpu(),
+            "threshold": self.threshold.detach().reshape(()).contiguous().cpu(),
+        }
+        meta = {**asdict(self.cfg), **(extra or {}), "input_scale_folded": s}
+        with atomic_path(Path(directory)) as tmp:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "sae.safetensors"))
+            (tmp / "cfg.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> "SparseAutoencoder":
+        """Load cfg.json + sae.safetensors; unknown cfg keys are ignored."""
+        directory = Path(directory)
+        if not (directory / "cfg.json").is_file() or not (directory / "sae.safetensors").is_file():
+            raise ConfigError(f"{directory}: not an SAE folder (expected cfg.json and sae.safetensors)")
+        meta = json.loads((directory / "cfg.json").read_text())
+        known = {f.name for f in fields(SaeConfig)}
+        sae = cls(SaeConfig(**{k: v for k, v in meta.items() if k in known}), device=device)
+        state = load_file(str(directory / "sae.safetensors"), device=str(device))
+        sae.load_state_dict(state, strict=False)
+        sae.meta = meta
+        return sae.eval().requires_grad_(False)

@@ -1,0 +1,134 @@
+import json
+import math
+
+import pytest
+import torch
+
+from corpus.cache import build_cache
+from sae.config import SaeConfig, SaeTrainConfig
+from sae.job import cache_config_for
+from sae.metrics import SaeStats
+from sae.model import SparseAutoencoder
+from sae.train import SaeTrainer, TrainState, l1_at
+
+
+def _train_cfg(tiny_model_dir, tmp_path, **kw):
+    base = dict(model=str(tiny_model_dir), dtype="fp32", data="builtin:tasks", layer=2, latents=128, k=8,
+                tokens=32 * 31 * 40, seq_len=32, batch_tokens=64, out=tmp_path / "run", cache_dir=tmp_path / "cache",
+                dead_tokens=2_000, checkpoint_every=20, eval_tokens=0, lr=3e-3, encoder_dtype="fp32")
+    return SaeTrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model_dir, tiny_frozen, tmp_path_factory):
+    cfg = _train_cfg(tiny_model_dir, tmp_path_factory.mktemp("sae"))
+    return build_cache(cache_config_for(cfg), tiny_frozen, progress=False)
+
+
+def test_metric_formulas_on_a_hand_computed_case():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [3.0, 5.0]])
+    acts = torch.tensor([[0.5, 0.0], [1.0, 2.0]])
+    idx = torch.tensor([[0, 1], [0, 2]])
+    stats = SaeStats(num_latents=4, d_in=2)
+    stats.update(x[:1], x_hat[:1], acts[:1], idx[:1])
+    stats.update(x[1:], x_hat[1:], acts[1:], idx[1:])
+    m = stats.metrics()
+    # Σ‖x − x̂‖² = 1 + 1 = 2; x̄ = (2, 3); Σ‖x − x̄‖² = (1 + 1) + (1 + 1) = 4
+    assert m["fvu"] == pytest.approx(0.5) and m["explained_variance"] == pytest.approx(0.5)
+    assert m["mse_normalized"] == pytest.approx(2 / 30)  # Σ‖x‖² = 1 + 4 + 9 + 16
+    assert m["l0"] == pytest.approx(1.5)  # 1 and 2 non-zero latents
+    assert m["dead_frac"] == pytest.approx(0.5)  # latents 1 and 3 never fire
+    # firing counts (2, 0, 1, 0): p = (2/3, 1/3)
+    assert m["usage_entropy_nats"] == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_save_load_round_trip_folds_the_input_scale(arch, tmp_path):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, arch=arch, k=4))
+    sae.init_weights()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.1)
+        sae.threshold.fill_(0.05)
+    sae.eval()
+    scale = 2.5
+    x = torch.randn(16, 8)
+    expected = sae(x * scale).sae_out_ND / scale  # trained on x·s; the saved SAE works on x
+    sae.save(tmp_path / "sae", input_scale=scale, extra={"layer": 3, "unknown_future_key": 1})
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    torch.testing.assert_close(loaded(x).sae_out_ND, expected, rtol=1e-5, atol=1e-5)
+    assert loaded.meta["layer"] == 3
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+def test_each_architecture_lowers_its_loss(arch, tiny_model_dir, tiny_cache, tmp_path):
+    cfg = _train_cfg(tiny_model_dir, tmp_path, arch=arch, tokens=64 * 60, resample_every=0,
+                     l1_schedule="1:0.0005", lr=1e-2)
+    trainer = SaeTrainer(cfg, tiny_cache)
+    trainer.start()
+    losses = []
+    batches = trainer.data.iterate()
+    for _ in range(60):
+        out = trainer._train_step(next(batches) * trainer.state.input_scale)
+        losses.append(trainer.last_loss)
+        trainer.state.step += 1
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:5]) / 5
+    assert out.l0.item() > 0
+    if arch == "topk":
+        assert out.l0.item() <= cfg.k
+
+
+def test_resampling_revives_dead_latents(tiny_model_dir, tiny_cache, tmp_path):
+    cfg = _train_cfg(tiny_model_dir, tmp_path, arch="relu", dead_tokens=100)
+    trainer = SaeTrainer(cfg, tiny_cache)
+    trainer.start()
+    x = next(trainer.data.iterate()) * trainer.state.input_scale
+    with torch.no_grad():
+        trainer.sae.b_enc[:40] = -1e3  # these latents can never fire
+    dead_before = (trainer.sae.encode_dense(x)[:, :40] > 0).sum().item()
+    trainer.state.since_fired[:40] = 10_000
+    trainer._resample_dead(x)
+    fired_after = (trainer.sae.encode_dense(x)[:, :40] > 0).any(0).sum().item()
+    assert dead_before == 0 and fired_after >= 30 and trainer.state.resampled == 40
+
+
+def test_auxk_sends_gradient_to_dead_latents(tiny_model_dir, tiny_cache, tmp_path):
+    cfg = _train_cfg(tiny_model_dir, tmp_path, arch="topk")
+    trainer = SaeTrainer(cfg, tiny_cache)
+    trainer.start()
+    x = next(trainer.data.iterate()) * trainer.state.input_scale
+    dead = torch.zeros(cfg.latents, dtype=torch.bool)
+    dead[64:] = True
+    with torch.no_grad():
+        trainer.sae.b_enc[64:] = -0.5  # never in the top k, but still ranked among the dead
+    out = trainer.sae(x, dead, 16)
+    (out.fvu + out.auxk_loss).backward()
+    assert out.auxk_loss.item() > 0
+    assert trainer.sae.W_enc.grad[64:].abs().sum(-1).gt(0).sum() > 0
+
+
+def test_resumed_training_equals_uninterrupted(tiny_model_dir, tiny_cache, tmp_path):
+    straight = SaeTrainer(_train_cfg(tiny_model_dir, tmp_path / "a", tokens=64 * 50), tiny_cache)
+    straight.start()
+    straight.run()
+    first = SaeTrainer(_train_cfg(tiny_model_dir, tmp_path / "b", tokens=64 * 50, fail_at_step=30), tiny_cache)
+    first.start()
+    with pytest.raises(RuntimeError, match="injected failure at step 30"):
+        first.run()
+    resumed = SaeTrainer(_train_cfg(tiny_model_dir, tmp_path / "b", tokens=64 * 50), tiny_cache)
+    resumed.start()  # finds checkpoints/latest (step 20)
+    assert resumed.state.step == 20
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.sae.state_dict().items(), resumed.sae.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.state.since_fired, resumed.state.since_fired)
+
+
+def test_l1_schedule_phases():
+    cfg = SaeTrainConfig(l1_schedule="0.2:0.001,0.6:0.01,0.2:0.001", l1_warmup_frac=0.0, data="builtin:tasks")
+    assert [l1_at(s, 100, cfg) for s in (0, 19, 20, 79, 80, 99)] == [0.001, 0.001, 0.01, 0.01, 0.001, 0.001]
+    warm = SaeTrainConfig(l1_warmup_frac=0.1, data="builtin:tasks")
+    assert l1_at(0, 100, warm) == pytest.approx(0.0001)
