@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "Train a sparse autoencoder on one layer (a Ray Train job)."),
     "sae eval": ("sae.metrics", "sae.metrics:SaeEvalConfig", "run_sae_eval",
                  "SAE quality metrics on held-out tokens."),
+    "sae sweep-layers": ("sae.sweep", "sae.sweep:SaeSweepConfig", "run_sweep_layers",
+                         "One SAE per layer on the same tokens; the layer-selection rule applied."),
+    "sae export-saelens": ("sae.export", "sae.export:SaeExportConfig", "run_export_saelens",
+                           "Export an SAE to the SAELens on-disk format."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tyro
 
-    from models.errors import ConfigError
+    from models.errors import ConfigError, JobError
 
     config_module, config_name = config_ref.split(":")
     config_cls = getattr(importlib.import_module(config_module), config_name)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tyro.cli(config_cls, args=rest, prog=f"faithlens {name}", description=help_)
         func = getattr(importlib.import_module(module_name), func_name)
         func(cfg)
-    except ConfigError as e:
+    except (ConfigError, JobError) as e:
         print(f"faithlens {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

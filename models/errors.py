@@ -6,3 +6,7 @@ class ConfigError(Exception):
 
     The message names the argument and what was expected; it is printed as is.
     """
+
+
+class JobError(Exception):
+    """A long job (a Ray Train run, a sweep) failed for good; the message says where its logs are."""

@@ -17,6 +17,7 @@ import torch
 
 from corpus.cache import ActivationCache, build_cache
 from corpus.config import CacheConfig
+from models.errors import JobError
 from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.config import SaeTrainConfig
@@ -25,13 +26,13 @@ from sae.train import SaeTrainer
 log = logging.getLogger(__name__)
 
 
-def cache_config_for(cfg: SaeTrainConfig, split: str = "train", tokens: int | None = None) -> CacheConfig:
+def cache_config_for(cfg: SaeTrainConfig, layers: str | None = None) -> CacheConfig:
     """Residuals only (no teacher), enough positions that `tokens` non-BOS tokens remain."""
-    tokens = cfg.tokens if tokens is None else tokens
+    tokens = cfg.tokens
     with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
     return CacheConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=cfg.data, tokens=with_bos,
-                       seq_len=cfg.seq_len, split=split, eval_fraction=cfg.eval_fraction, ood=cfg.ood,
-                       encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed, layers=str(cfg.layer),
+                       seq_len=cfg.seq_len, split="train", eval_fraction=cfg.eval_fraction, ood=cfg.ood,
+                       encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed, layers=layers or str(cfg.layer),
                        out=cfg.cache_dir, teacher=False)
 
 
@@ -73,8 +74,11 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         from ray.experimental.tqdm_ray import tqdm
 
-        progress = tqdm(total=trainer.total_steps, desc=f"sae {cfg.arch} L{cfg.layer}", initial=trainer.state.step)
+        progress = tqdm(total=trainer.total_steps, desc=f"sae {cfg.arch} L{cfg.layer}")
+        progress.update(trainer.state.step)
     trainer.run(progress)
+    if progress is not None:
+        progress.close()
     if rank == 0:
         trainer.finish()
         if writer is not None:
@@ -86,7 +90,8 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     cpus = int(ray.available_resources().get("CPU", 1))
     per_worker = max(1, cpus // cfg.workers)
@@ -103,7 +108,14 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise JobError(f"SAE training failed after {3} retries ({first}); logs under {out / 'ray_results'}") from e
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def run_sae_train(cfg: SaeTrainConfig) -> Path:
@@ -111,6 +123,10 @@ def run_sae_train(cfg: SaeTrainConfig) -> Path:
     frozen.check_layer(cfg.layer)
     cache = build_cache(cache_config_for(cfg), frozen)
     print(f"training cache: {cache.tokens:,} tokens at {cache.root}")
+    return train_and_evaluate(cfg, cache, frozen)
+
+
+def train_and_evaluate(cfg: SaeTrainConfig, cache: ActivationCache, frozen) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
@@ -118,10 +134,16 @@ def run_sae_train(cfg: SaeTrainConfig) -> Path:
     sae_dir = out / "sae"
     print(f"SAE saved to {sae_dir} (cfg.json, sae.safetensors); TensorBoard: tensorboard --logdir {out / 'tb'}")
     if cfg.eval_tokens:
-        from sae.metrics import SaeEvalConfig, run_sae_eval
+        from sae.metrics import run_sae_eval
 
-        run_sae_eval(SaeEvalConfig(sae=sae_dir, model=cfg.model, dtype=cfg.dtype, data=cfg.data, ood=cfg.ood,
-                                   tokens=cfg.eval_tokens, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
-                                   encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed,
-                                   out=out / "metrics.json"), frozen=frozen)
+        run_sae_eval(eval_config_for(cfg, sae_dir), frozen=frozen)
     return sae_dir
+
+
+def eval_config_for(cfg: SaeTrainConfig, sae_dir: Path):
+    from sae.metrics import SaeEvalConfig
+
+    return SaeEvalConfig(sae=sae_dir, model=cfg.model, dtype=cfg.dtype, data=cfg.data, ood=cfg.ood,
+                         tokens=cfg.eval_tokens, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction,
+                         encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed,
+                         out=Path(cfg.out) / "metrics.json")

@@ -41,6 +41,30 @@ class SaeStats:
         self.fire_counts = torch.zeros(num_latents, dtype=torch.int64)
         self.l0_counts = torch.zeros(len(L0_BINS) - 1, dtype=torch.int64)
         self.l0_sum = 0
+        self._pairs: list[torch.Tensor] = []
+        self._mass: list[torch.Tensor] = []
+
+    def update_tokens(self, token_ids_N: torch.Tensor, acts_NK: torch.Tensor, idx_NK: torch.Tensor) -> None:
+        """Accumulate activation mass per (latent, input token), for the token-purity proxy."""
+        active = acts_NK > 0
+        tokens = token_ids_N[:, None].expand_as(idx_NK)[active].long()
+        self._pairs.append((idx_NK[active].long() << 32) | tokens)
+        self._mass.append(acts_NK[active].double())
+
+    def token_purity(self) -> float:
+        """Mean over live latents of (activation mass on its most frequent input token) / (its total mass).
+
+        An automatic interpretability proxy: 1 means a latent fires on one token only.
+        """
+        if not self._pairs:
+            return float("nan")
+        keys, inverse = torch.unique(torch.cat(self._pairs), return_inverse=True)
+        mass = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inverse, torch.cat(self._mass))
+        latent = keys >> 32
+        total = torch.zeros(len(self.fire_counts), dtype=torch.float64).index_add_(0, latent, mass)
+        best = torch.zeros(len(self.fire_counts), dtype=torch.float64).scatter_reduce_(0, latent, mass, "amax")
+        live = total > 0
+        return (best[live] / total[live]).mean().item()
 
     def update(self, x_ND: torch.Tensor, x_hat_ND: torch.Tensor, acts_NK: torch.Tensor, idx_NK: torch.Tensor) -> None:
         x, x_hat = x_ND.double(), x_hat_ND.double()
@@ -74,6 +98,7 @@ class SaeStats:
             "density_histogram": {"log10_bins": ["never"] + DENSITY_BINS[1:], "counts": hist.tolist()},
             "usage_entropy_nats": entropy,
             "usage_entropy_normalized": entropy / math.log(len(p)),
+            "token_purity": self.token_purity(),
         }
 
 
@@ -129,6 +154,7 @@ def evaluate_sae(sae: SparseAutoencoder, frozen: FrozenLM, cfg: SaeEvalConfig, l
         enc = sae.encode(x)
         x_hat = sae.decode(enc.acts_NK, enc.indices_NK)
         stats.update(x, x_hat, enc.acts_NK, enc.indices_NK)
+        stats.update_tokens(ids[:, 1:].reshape(-1), enc.acts_NK, enc.indices_NK)
         if not cfg.splice:
             continue
         x_hat_BTD = x_hat.reshape(h.shape[0], -1, h.shape[-1])
@@ -159,6 +185,7 @@ ROWS = [("fvu", "FVU", "{:.4f}", ""), ("explained_variance", "explained variance
         ("mse_normalized", "MSE (normalised, E‖x‖²=d_in)", "{:.4f}", "per element"),
         ("l0", "L0", "{:.1f}", "latents/token"), ("dead_frac", "dead", "{:.2%}", "of latents, over the eval tokens"),
         ("usage_entropy_normalized", "usage entropy", "{:.3f}", "÷ log(latents)"),
+        ("token_purity", "token purity", "{:.3f}", "mass on a latent's top input token"),
         ("spliced_kl", "spliced KL", "{:.4f}", "nats/token"), ("delta_ce", "ΔCE", "{:.4f}", "nats/token"),
         ("ce_recovered", "CE recovered", "{:.2%}", "vs zero-ablation")]
 
