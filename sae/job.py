@@ -92,7 +92,7 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(log_to_driver=True, configure_logging=False)
     cpus = int(ray.available_resources().get("CPU", 1))
     per_worker = max(1, cpus // cfg.workers)
     out = Path(cfg.out).resolve()
