@@ -35,15 +35,34 @@ class BenchConfig:
     cache_tokens: int = 16_384
     """Tokens in the benchmark cache build (builtin:tasks corpus, teacher on)."""
 
+    sae_tokens: int = 262_144
+    """Training tokens for the SAE benchmark (builtin:tasks corpus)."""
+
+    latents: int = 5760
+    """SAE width for the SAE benchmark."""
+
+    k: int = 64
+    """TopK k for the SAE benchmark."""
+
+    stages: str = "foundation,sae"
+    """Comma-separated stages to benchmark."""
+
     json: bool = False
     """Print one JSON object instead of a table."""
 
 
-def main() -> None:
-    cfg = tyro.cli(BenchConfig, prog="python -m benchmarks")
+def main(argv: list[str] | None = None) -> None:
+    cfg = tyro.cli(BenchConfig, prog="python -m benchmarks", args=argv)
     logging.basicConfig(level=logging.WARNING)
-    results = {"config": asdict(cfg), "foundation": bench_foundation(
-        cfg.model, cfg.layer, cfg.batch, cfg.seq_len, cfg.repeats, cfg.cache_tokens, cfg.dtype)}
+    stages = {s.strip() for s in cfg.stages.split(",")}
+    results: dict = {"config": asdict(cfg)}
+    if "foundation" in stages:
+        results["foundation"] = bench_foundation(cfg.model, cfg.layer, cfg.batch, cfg.seq_len, cfg.repeats,
+                                                 cfg.cache_tokens, cfg.dtype)
+    if "sae" in stages:
+        from benchmarks.sae import bench_sae
+
+        results["sae"] = bench_sae(cfg.model, cfg.layer, cfg.sae_tokens, cfg.latents, cfg.k, cfg.dtype)
     if cfg.json:
         print(json.dumps(results))
         return

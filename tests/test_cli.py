@@ -24,8 +24,12 @@ def test_every_command_has_help_from_its_config(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--model" in out
-    assert "embedded:smollm2-135m-instruct" in out  # the field docstring is the help text
+    assert f"usage: faithlens {command}" in out
+    if command == "sae export-saelens":
+        assert "SAELens" in out
+    else:
+        assert "--model" in out
+        assert "embedded:smollm2-135m-instruct" in out  # the field docstring is the help text
 
 
 def test_cache_command_end_to_end(tiny_model_dir, tmp_path, capsys):
