@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -24,6 +23,9 @@ from sae.config import SaeTrainConfig
 from sae.train import SaeTrainer
 
 log = logging.getLogger(__name__)
+
+MAX_FAILURES = 3
+"""Worker failures Ray Train recovers from (each restart resumes from the last checkpoint)."""
 
 
 def cache_config_for(cfg: SaeTrainConfig, layers: str | None = None) -> CacheConfig:
@@ -43,7 +45,7 @@ def train_worker(config: dict) -> None:
     cfg = SaeTrainConfig(**{**config["cfg"], "out": Path(config["cfg"]["out"]), "cache_dir": Path(config["cfg"]["cache_dir"])})
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(config["threads_per_worker"])  # not OMP_NUM_THREADS: a user's shell may pin it to 1
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     cache = ActivationCache.open(Path(config["cache_root"]), verify=False)
     writer = None
@@ -99,12 +101,12 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": {**asdict(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve())},
-                           "cache_root": str(cache.root.resolve())},
+                           "cache_root": str(cache.root.resolve()), "threads_per_worker": per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(
             name="ray", storage_path=str(out / "ray_results"),
-            failure_config=FailureConfig(max_failures=3),
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -112,7 +114,7 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise JobError(f"SAE training failed after {3} retries ({first}); logs under {out / 'ray_results'}") from e
+        raise JobError(f"SAE training failed after {MAX_FAILURES} retries ({first}); logs under {out / 'ray_results'}") from e
     finally:
         if started_here:
             ray.shutdown()
