@@ -192,9 +192,11 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> ForwardOutput:
         x = x_ND.float()
         if self.cfg.arch == "relu":
-            x_in = x - self.b_dec
-            acts_NF = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
-            sae_out = acts_NF @ self.W_dec + self.b_dec
+            # Dense by nature: with encoder_dtype bf16 every matmul runs in bf16 (weights stay fp32).
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.encoder_dtype == torch.bfloat16):
+                acts_NF = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
+                sae_out = F.linear(acts_NF, self.W_dec.t()) + self.b_dec
+            acts_NF, sae_out = acts_NF.float(), sae_out.float()
             l1 = acts_NF.sum(-1).mean()
             l0 = (acts_NF > 0).float().sum(-1).mean()
             vals, idx = acts_NF.detach().topk(self.cfg.sparse_width, dim=-1, sorted=False)
