@@ -209,3 +209,14 @@ def task_examples_for(source: Source, seed: int, n: int):
     if source.kind == "file" and source.spec.endswith(".jsonl"):
         return load_task_file(Path(source.spec).expanduser())[:n]
     raise ConfigError(f"{source.spec} is not a task suite (builtin:tasks or a question/answer jsonl)")
+
+
+def absolute_spec(spec: str) -> str:
+    """The same source spec with local paths made absolute (for jobs that run in another folder)."""
+    parts = []
+    for source in parse_sources(spec) if spec.strip() else []:
+        name = source.spec
+        if source.kind in ("file", "folder"):
+            name = str(Path(name).expanduser().resolve())
+        parts.append(name if source.weight == 1.0 else f"{name}*{source.weight:g}")
+    return ",".join(parts)

@@ -16,6 +16,7 @@ import torch
 
 from corpus.cache import ActivationCache, build_cache
 from corpus.config import CacheConfig
+from corpus.sources import absolute_spec
 from models.errors import JobError
 from models.io import write_json_atomic
 from models.loading import load_frozen
@@ -100,7 +101,9 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
     out = Path(cfg.out).resolve()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": {**asdict(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve())},
+        train_loop_config={"cfg": {**asdict(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
+                                   # workers run in another folder: relative paths must not reach them
+                                   "data": absolute_spec(cfg.data), "ood": absolute_spec(cfg.ood)},
                            "cache_root": str(cache.root.resolve()), "threads_per_worker": per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": per_worker}),

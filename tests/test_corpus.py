@@ -169,3 +169,12 @@ def test_config_validation():
         parse_layers("31", 30)
     with pytest.raises(ConfigError, match="expected comma-separated layer numbers"):
         parse_layers("nine", 30)
+
+
+def test_absolute_spec_keeps_weights_and_builtins(tmp_path, monkeypatch):
+    from corpus.sources import absolute_spec
+
+    (tmp_path / "a.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    assert absolute_spec("a.txt*2,builtin:tasks") == f"{tmp_path / 'a.txt'}*2,builtin:tasks"
+    assert absolute_spec("") == ""
