@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -88,6 +88,11 @@ def train_worker(config: dict) -> None:
             writer.close()
 
 
+def _train_fields(cfg: SaeTrainConfig) -> dict:
+    """The SaeTrainConfig part of `cfg` (a sweep config adds fields the workers do not take)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(SaeTrainConfig)}
+
+
 def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -101,7 +106,7 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
     out = Path(cfg.out).resolve()
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": {**asdict(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
+        train_loop_config={"cfg": {**_train_fields(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
                                    # workers run in another folder: relative paths must not reach them
                                    "data": absolute_spec(cfg.data), "ood": absolute_spec(cfg.ood)},
                            "cache_root": str(cache.root.resolve()), "threads_per_worker": per_worker},

@@ -19,3 +19,27 @@ def test_sae_train_survives_a_worker_failure(tiny_model_dir, tmp_path, capsys):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     printed = capsys.readouterr().out
     assert "| FVU |" in printed and "spliced KL" in printed
+
+
+def test_sweep_layers_trains_one_sae_per_layer_and_explains_its_choice(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sae", "sweep-layers", "--layers", "1,3", "--model", str(tiny_model_dir), "--dtype", "fp32",
+                 "--data", "builtin:tasks", "--latents", "64", "--k", "4", "--tokens", "2048", "--seq-len", "32",
+                 "--batch-tokens", "128", "--eval-tokens", "512", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                 "--lr", "0.01"])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["layer"] for r in sweep["rows"]] == [1, 3] and sweep["chosen_layer"] in (1, 3)
+    assert "best mean rank" in sweep["reason"]
+    assert (out / "layer1" / "sae" / "cfg.json").is_file() and (out / "layer3" / "sae" / "cfg.json").is_file()
+    assert "Chosen: layer" in capsys.readouterr().out
+
+
+def test_choose_layer_rule():
+    from sae.sweep import choose_layer
+
+    rows = [{"layer": 6, "explained_variance": 0.95, "token_purity": 0.5},
+            {"layer": 9, "explained_variance": 0.93, "token_purity": 0.45},
+            {"layer": 12, "explained_variance": 0.90, "token_purity": 0.6}]
+    layer, why = choose_layer(rows)
+    assert layer == 6 and "layer 6" in why  # rank sums: 6 -> 0+1, 9 -> 1+2, 12 -> 2+0
