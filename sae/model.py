@@ -53,10 +53,14 @@ class ForwardOutput(NamedTuple):
 
 
 def _csr_t_matmul(indices_NK: Tensor, values_NK: Tensor, dense_ND: Tensor, n_rows: int) -> Tensor:
-    """Σ_n Σ_j values[n, j] · dense[n] into row indices[n, j] of an [n_rows, D] result."""
-    n, k = indices_NK.shape
-    crow = torch.arange(0, n * k + 1, k, device=indices_NK.device)
-    g = torch.sparse_csr_tensor(crow, indices_NK.reshape(-1), values_NK.reshape(-1).to(dense_ND.dtype), (n, n_rows), check_invariants=False)
+    """Σ_n Σ_j values[n, j] · dense[n] into row indices[n, j] of an [n_rows, D] result (zeros skipped)."""
+    n = indices_NK.shape[0]
+    nonzero = values_NK != 0
+    counts = nonzero.sum(-1)
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=indices_NK.device)
+    crow[1:] = counts.cumsum(0)
+    g = torch.sparse_csr_tensor(crow, indices_NK[nonzero], values_NK[nonzero].to(dense_ND.dtype), (n, n_rows),
+                                check_invariants=False)
     return g.t() @ dense_ND
 
 
@@ -79,7 +83,7 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux):
         pre_NF = F.linear(x_ND.to(compute_dtype), W_FD.to(compute_dtype)).float() + b_F
-        acts, idx = pre_NF.topk(width, dim=-1, sorted=False)
+        acts, idx = pre_NF.topk(width, dim=-1, sorted=True)  # sorted: active slots form a prefix
         acts = acts.relu()
         aux_acts = aux_idx = None
         if dead_mask_F is not None and k_aux > 0 and bool(dead_mask_F.any()):
@@ -171,6 +175,9 @@ class SparseAutoencoder(nn.Module):
             x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux)
         if cfg.arch == "batchtopk":
             vals = vals * self._batchtopk_mask(vals)
+            # slots are sorted, so active ones are a prefix: drop the columns no token uses
+            width = max(1, int((vals > 0).sum(-1).max()))
+            vals, idx = vals[:, :width], idx[:, :width]
         return EncoderOutput(vals, idx, aux_vals, aux_idx)
 
     def _batchtopk_mask(self, vals_NK: Tensor) -> Tensor:

@@ -132,3 +132,34 @@ def test_l1_schedule_phases():
     assert [l1_at(s, 100, cfg) for s in (0, 19, 20, 79, 80, 99)] == [0.001, 0.001, 0.01, 0.01, 0.001, 0.001]
     warm = SaeTrainConfig(l1_warmup_frac=0.1, data="builtin:tasks")
     assert l1_at(0, 100, warm) == pytest.approx(0.0001)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_backward_equals_the_dense_reference(arch):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=16, num_latents=64, arch=arch, k=4))
+    sae.init_weights()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    sae.train()
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead, 8)
+    (out.fvu + out.auxk_loss).backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    # the same selection, computed densely and differentiated by autograd
+    enc = sae.encode(x, dead, 8)
+    pre = torch.nn.functional.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+    keep = torch.zeros(32, 64).scatter_(1, enc.indices_NK, (enc.acts_NK > 0).float())
+    keep_aux = torch.zeros(32, 64).scatter_(1, enc.aux_indices_NA, (enc.aux_acts_NA > 0).float())
+    recon = (pre.relu() * keep) @ sae.W_dec + sae.b_dec
+    e = (x - recon).detach()
+    e_hat = (pre.relu() * keep_aux) @ sae.W_dec
+    ref = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum() + ((e_hat - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    ref.backward()
+    torch.testing.assert_close(out.fvu + out.auxk_loss, ref)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-6)
