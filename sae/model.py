@@ -81,17 +81,18 @@ class _SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux):
+    def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux, sort):
         pre_NF = F.linear(x_ND.to(compute_dtype), W_FD.to(compute_dtype)).float() + b_F
-        acts, idx = pre_NF.topk(width, dim=-1, sorted=True)  # sorted: active slots form a prefix
+        acts, idx = pre_NF.topk(width, dim=-1, sorted=sort)
         acts = acts.relu()
         aux_acts = aux_idx = None
         if dead_mask_F is not None and k_aux > 0 and bool(dead_mask_F.any()):
-            masked = pre_NF.masked_fill_(~dead_mask_F, float("-inf"))
-            masked.scatter_(-1, idx, float("-inf"))  # not the latents already selected
-            k_aux = min(k_aux, int(dead_mask_F.sum()))
-            aux_acts, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
-            aux_acts = aux_acts.relu()  # -inf (too few candidates) -> 0
+            # AuxK ranks the dead latents only (as in Gao et al. and sparsify): a gather of their
+            # columns, not a second pass over all latents.
+            dead_idx = dead_mask_F.nonzero().squeeze(1)
+            aux_acts, j = pre_NF[:, dead_idx].topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False)
+            aux_idx = dead_idx[j]
+            aux_acts = aux_acts.relu()
         ctx.save_for_backward(x_ND, W_FD, idx, acts, aux_idx, aux_acts)
         ctx.mark_non_differentiable(idx)
         if aux_idx is not None:
@@ -114,7 +115,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_W = _csr_t_matmul(i, g, x.float(), W.shape[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, i.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -171,8 +172,9 @@ class SparseAutoencoder(nn.Module):
             vals, idx = acts_NF.topk(cfg.sparse_width, dim=-1, sorted=False)
             return EncoderOutput(vals, idx)
         width = cfg.k if cfg.arch == "topk" else cfg.sparse_width
+        # BatchTopK needs its slots sorted so that the active ones form a prefix
         vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
-            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux)
+            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, cfg.arch == "batchtopk")
         if cfg.arch == "batchtopk":
             vals = vals * self._batchtopk_mask(vals)
             # slots are sorted, so active ones are a prefix: drop the columns no token uses
