@@ -6,7 +6,6 @@ The same code runs a laptop job (one CPU worker) and a cluster job (more workers
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, fields

@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -9,7 +8,7 @@ from sae.config import SaeConfig, SaeTrainConfig
 from sae.job import cache_config_for
 from sae.metrics import SaeStats
 from sae.model import SparseAutoencoder
-from sae.train import SaeTrainer, TrainState, l1_at
+from sae.train import SaeTrainer, l1_at
 
 
 def _train_cfg(tiny_model_dir, tmp_path, **kw):
