@@ -68,7 +68,7 @@ def _gather_dot(weight_FD: Tensor, indices_NK: Tensor, grad_ND: Tensor) -> Tenso
     """out[n, j] = weight[indices[n, j]] · grad[n], in chunks to bound memory."""
     out = torch.empty(indices_NK.shape, dtype=grad_ND.dtype, device=grad_ND.device)
     for s in range(0, indices_NK.shape[0], _CHUNK):
-        rows = weight_FD[indices_NK[s : s + _CHUNK]]  # [c, K, D]
+        rows = F.embedding(indices_NK[s : s + _CHUNK], weight_FD)  # [c, K, D]; index_select, faster than [] here
         out[s : s + _CHUNK] = torch.bmm(rows, grad_ND[s : s + _CHUNK, :, None]).squeeze(-1)
     return out
 
