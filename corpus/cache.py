@@ -188,8 +188,7 @@ def build_cache(cfg: CacheConfig, frozen: FrozenLM, progress: bool = True) -> Ac
 
 
 def _shard_sequences(cfg: CacheConfig) -> int:
-    per_shard = max(1, round(cfg.shard_tokens / cfg.seq_len / cfg.batch_size)) * cfg.batch_size
-    return per_shard
+    return max(1, round(cfg.shard_tokens / cfg.seq_len / cfg.batch_size)) * cfg.batch_size
 
 
 def _load_manifest(root: Path, payload: dict, frozen: FrozenLM, layers: list[int], cfg: CacheConfig) -> dict:

@@ -58,8 +58,12 @@ class CorpusConfig:
             parse_sources(self.ood, "--ood")
 
 
-def parse_layers(text: str, n_layers: int, flag: str = "--layers") -> list[int]:
-    """'9,12' -> [9, 12]; 'last' names the last block; each layer must lie in 0..n_layers."""
+def parse_layers(text: str, n_layers: int, flag: str = "--layers", drop_beyond: bool = False) -> list[int]:
+    """'9,12' -> [9, 12]; 'last' names the last block; each layer must lie in 0..n_layers.
+
+    With drop_beyond, layers deeper than the model are skipped instead of refused (a default list
+    such as 3,...,25,last then fits shallow models too).
+    """
     layers = []
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
@@ -71,6 +75,8 @@ def parse_layers(text: str, n_layers: int, flag: str = "--layers") -> list[int]:
             layer = int(part)
         except ValueError:
             raise ConfigError(f"{flag}: expected comma-separated layer numbers or 'last', got {part!r}") from None
+        if drop_beyond and layer > n_layers:
+            continue
         if not 0 <= layer <= n_layers:
             raise ConfigError(f"{flag}: layer {layer} is outside the model's range 0..{n_layers}")
         layers.append(layer)

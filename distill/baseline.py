@@ -50,8 +50,7 @@ def measure_baseline(cfg: BaselineConfig, frozen: FrozenLM, progress: bool = Tru
     KL(p_frozen || p_lens) in nats/token over the full vocabulary; every position is scored
     (position t predicts token t+1; the last position's label is the next token in the stream).
     """
-    requested = [int(x) if x != "last" else frozen.n_layers for x in cfg.layers.split(",") if x.strip()]
-    layers = parse_layers(",".join(str(x) for x in requested if x <= frozen.n_layers), frozen.n_layers)
+    layers = parse_layers(cfg.layers, frozen.n_layers, drop_beyond=True)
     seqs = list(sequences(cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
     sums = {"ce": 0.0, "top1": 0.0, **{f"kl{L}": 0.0 for L in layers}, **{f"agree{L}": 0.0 for L in layers}}
     n_tokens, forward_s = 0, 0.0
