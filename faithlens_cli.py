@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                          "One SAE per layer on the same tokens; the layer-selection rule applied."),
     "sae export-saelens": ("sae.export", "sae.export:SaeExportConfig", "run_export_saelens",
                            "Export an SAE to the SAELens on-disk format."),
+    "decoder train": ("distill.job", "distill.config:DistillConfig", "run_decoder_train",
+                      "Distil a decoder (SAE features → next-token distribution) to the frozen model (Ray Train)."),
+    "decoder eval": ("distill.evaluate", "distill.config:DecoderEvalConfig", "run_decoder_eval",
+                     "Decoders and lens baselines: KL, top-1, CE in and out of domain, task accuracy."),
+    "lens train": ("distill.job", "distill.config:LensTrainConfig", "run_lens_train",
+                   "Train the tuned-lens baseline (affine translator on the raw residual)."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }

@@ -8,4 +8,4 @@ from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.loading import EMBEDDED_MODELS, load_frozen
 
-__all__ = ["ConfigError", "EMBEDDED_MODELS", "FrozenLM", "ModelConfig", "load_frozen"]
+__all__ = ["EMBEDDED_MODELS", "ConfigError", "FrozenLM", "ModelConfig", "load_frozen"]

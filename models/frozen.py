@@ -7,8 +7,8 @@ norm, like every other layer. Layer 0 is the input of the first block (the embed
 
 from __future__ import annotations
 
-from contextlib import contextmanager, ExitStack
-from typing import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn

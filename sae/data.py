@@ -7,7 +7,7 @@ BOS positions (an attention sink with an outsized norm) are left out.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -16,16 +16,13 @@ import torch
 from corpus.cache import ActivationCache, build_cache
 from corpus.config import CacheConfig
 from corpus.sources import absolute_spec
-from models.errors import JobError
 from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.config import SaeTrainConfig
+from sae.ray_job import run_torch_job, tensorboard_reporter
 from sae.train import SaeTrainer
 
 log = logging.getLogger(__name__)
-
-MAX_FAILURES = 3
-"""Worker failures Ray Train recovers from (each restart resumes from the last checkpoint)."""
 
 
 def cache_config_for(cfg: SaeTrainConfig, layers: str | None = None) -> CacheConfig:
@@ -48,21 +45,7 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(config["threads_per_worker"])  # not OMP_NUM_THREADS: a user's shell may pin it to 1
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     cache = ActivationCache.open(Path(config["cache_root"]), verify=False)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(Path(cfg.out) / "tb"))
-
-    def reporter(step, metrics, checkpoint=None):
-        if writer is not None and "checkpoint_step" not in metrics:
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step * cfg.batch_tokens)
-            writer.flush()
-        if "checkpoint_step" in metrics:
-            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-            ray.train.report({"step": step, **getattr(trainer, "last_metrics", {})}, checkpoint=ckpt)
-
+    reporter = tensorboard_reporter(cfg.out, rank, cfg.batch_tokens, lambda: trainer.last_metrics)
     trainer = SaeTrainer(cfg, cache, rank, world, device, reporter)
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.sae, move_to_device=False)
@@ -83,8 +66,7 @@ def train_worker(config: dict) -> None:
         progress.close()
     if rank == 0:
         trainer.finish()
-        if writer is not None:
-            writer.close()
+    reporter.close()
 
 
 def _train_fields(cfg: SaeTrainConfig) -> dict:
@@ -93,38 +75,12 @@ def _train_fields(cfg: SaeTrainConfig) -> dict:
 
 
 def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(log_to_driver=True, configure_logging=False)
-    cpus = int(ray.available_resources().get("CPU", 1))
-    per_worker = max(1, cpus // cfg.workers)
     out = Path(cfg.out).resolve()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": {**_train_fields(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
-                                   # workers run in another folder: relative paths must not reach them
-                                   "data": absolute_spec(cfg.data), "ood": absolute_spec(cfg.ood)},
-                           "cache_root": str(cache.root.resolve()), "threads_per_worker": per_worker},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": per_worker}),
-        run_config=RunConfig(
-            name="ray", storage_path=str(out / "ray_results"),
-            failure_config=FailureConfig(max_failures=MAX_FAILURES),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise JobError(f"SAE training failed after {MAX_FAILURES} retries ({first}); logs under {out / 'ray_results'}") from e
-    finally:
-        if started_here:
-            ray.shutdown()
+    loop_config = {"cfg": {**_train_fields(cfg), "out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
+                           # workers run in another folder: relative paths must not reach them
+                           "data": absolute_spec(cfg.data), "ood": absolute_spec(cfg.ood)},
+                   "cache_root": str(cache.root.resolve())}
+    run_torch_job(train_worker, loop_config, out, cfg.workers, cfg.use_gpu, "SAE training")
 
 
 def run_sae_train(cfg: SaeTrainConfig) -> Path:

@@ -263,7 +263,7 @@ class SparseAutoencoder(nn.Module):
             (tmp / "cfg.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, directory: Path, device: str | torch.device = "cpu") -> "SparseAutoencoder":
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Load cfg.json + sae.safetensors; unknown cfg keys are ignored."""
         directory = Path(directory)
         if not (directory / "cfg.json").is_file() or not (directory / "sae.safetensors").is_file():

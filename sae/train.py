@@ -53,7 +53,7 @@ class TrainState:
             (tmp / "state.json").write_text(json.dumps(scalars))
 
     @classmethod
-    def load(cls, directory: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> "TrainState":
+    def load(cls, directory: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> TrainState:
         tensors = load_file(str(Path(directory) / "state.safetensors"))
         scalars = json.loads((Path(directory) / "state.json").read_text())
         sae.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})

@@ -1,0 +1,210 @@
+"""Decoders: sparse SAE features → logits over the frozen model's full vocabulary.
+
+One interface for every architecture: `forward(indices_BTK, values_BTK)` takes fixed-width
+sparse features (slots with value 0 are unused) and returns logits_BTV; `forward_dense(feats_BTF)`
+takes the same features as a dense tensor through a separate (matmul) path. Decoders take
+feature ids and values, never an SAE object, so this module does not depend on `sae/`.
+
+- `linear`: features → vocabulary, optionally through a rank-r bottleneck.
+- `readout`: features → d_model → the frozen final norm and unembedding (+ optional vocabulary
+  bias). Its logits decompose exactly over features (`contributions`).
+- `context` (models/decoder_context.py): a small causal transformer over the features of all
+  positions ≤ t, ending in the frozen head.
+
+A checkpoint is `decoder.json` + `decoder.safetensors`; the frozen head is not stored (it comes
+from the model named in the config), so a checkpoint is small.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.errors import ConfigError
+from models.head import FrozenHead
+from models.io import atomic_path
+
+Arch = Literal["linear", "readout", "context"]
+WEIGHTS, CONFIG = "decoder.safetensors", "decoder.json"
+
+
+@dataclass
+class DecoderConfig:
+    arch: Arch
+    num_latents: int
+    """SAE width (feature ids are 0..num_latents-1)."""
+    d_model: int
+    """Residual width of the frozen model (the readout's and the context decoder's stream)."""
+    vocab_size: int
+    rank: int = 256
+    """linear: bottleneck rank; 0 = a full num_latents × vocab matrix (large: 5,760 × 49,152 is 283M weights)."""
+    vocab_bias: bool = True
+    """A trainable bias over the vocabulary, added to the logits."""
+    n_layers: int = 4
+    """context: transformer blocks."""
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    d_mlp: int = 1536
+    rope_theta: float = 100_000.0
+    norm_eps: float = 1e-5
+    max_context: int = 4096
+    """context: longest sequence the position tables cover."""
+
+    def __post_init__(self):
+        if self.arch not in ("linear", "readout", "context"):
+            raise ConfigError(f"--arch: expected linear, readout or context, got {self.arch!r}")
+        if self.rank < 0:
+            raise ConfigError(f"--rank: expected 0 (full) or a positive rank, got {self.rank}")
+        if self.arch == "context" and (self.d_model % self.n_heads or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"context decoder: d_model {self.d_model} must divide into --n-heads {self.n_heads}, "
+                              f"and n_heads into --n-kv-heads {self.n_kv_heads}")
+
+
+def dense_to_sparse(feats_BTF: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """The `width` largest features per position as (indices, values); default width = max L0."""
+    if width is None:
+        width = max(1, int((feats_BTF != 0).sum(-1).max()))
+    values, indices = feats_BTF.topk(width, dim=-1)
+    return indices, values
+
+
+class Decoder(nn.Module):
+    """Common machinery: the frozen head, the vocabulary bias, checkpoints."""
+
+    def __init__(self, cfg: DecoderConfig, head: FrozenHead | None):
+        super().__init__()
+        self.cfg = cfg
+        self.head = head
+        self.bias_V = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.vocab_bias else None
+
+    @property
+    def uses_context(self) -> bool:
+        return False
+
+    def _add_bias(self, logits: Tensor) -> Tensor:
+        return logits + self.bias_V if self.bias_V is not None else logits
+
+    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- artifacts -------------------------------------------------------------------------
+    def save(self, directory: Path, extra: dict | None = None) -> None:
+        """decoder.json (config + `extra` metadata) and decoder.safetensors, written atomically."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {**asdict(self.cfg), **(extra or {})}
+        with atomic_path(Path(directory)) as tmp:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / WEIGHTS))
+            (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_decoder_meta(directory: Path) -> dict:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise ConfigError(f"{directory}: not a decoder folder (expected {CONFIG} and {WEIGHTS})")
+    return json.loads((directory / CONFIG).read_text())
+
+
+def build_decoder(cfg: DecoderConfig, head: FrozenHead | None) -> Decoder:
+    if cfg.arch == "linear":
+        return LinearDecoder(cfg, head)
+    if cfg.arch == "readout":
+        return ReadoutDecoder(cfg, head)
+    from models.decoder_context import ContextDecoder
+
+    return ContextDecoder(cfg, head)
+
+
+def load_decoder(directory: Path, head: FrozenHead | None) -> Decoder:
+    """Load a checkpoint; `head` must come from the model named in its `model` field (unknown keys ignored)."""
+    meta = read_decoder_meta(directory)
+    known = {f.name for f in fields(DecoderConfig)}
+    cfg = DecoderConfig(**{k: v for k, v in meta.items() if k in known})
+    if cfg.arch != "linear" and head is None:
+        raise ConfigError(f"{directory}: a {cfg.arch} decoder needs the frozen model's head")
+    if head is not None and head.vocab_size != cfg.vocab_size:
+        raise ConfigError(f"{directory}: decoder vocabulary {cfg.vocab_size} ≠ model vocabulary {head.vocab_size} "
+                          f"(trained on {meta.get('model', 'another model')})")
+    decoder = build_decoder(cfg, head)
+    decoder.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+    decoder.meta = meta
+    return decoder.eval()
+
+
+class LinearDecoder(Decoder):
+    """logits = Σ_k v_k A[i_k] (B) + bias: a sparse gather of rows, then the rank-r up-projection."""
+
+    def __init__(self, cfg: DecoderConfig, head: FrozenHead | None = None):
+        super().__init__(cfg, None)  # never uses the frozen head
+        width = cfg.rank or cfg.vocab_size
+        self.A_FR = nn.Parameter(torch.randn(cfg.num_latents, width) * (1 / width**0.5))
+        self.B_RV = nn.Parameter(torch.zeros(cfg.rank, cfg.vocab_size)) if cfg.rank else None
+
+    def _up(self, z: Tensor) -> Tensor:
+        if self.B_RV is None:
+            return self._add_bias(z)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            logits = z @ self.B_RV
+        return self._add_bias(logits.float())
+
+    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        shape = indices_BTK.shape[:-1]
+        z = F.embedding_bag(indices_BTK.reshape(-1, indices_BTK.shape[-1]), self.A_FR,
+                            per_sample_weights=values_BTK.reshape(-1, values_BTK.shape[-1]).float(), mode="sum")
+        return self._up(z).reshape(*shape, -1)
+
+    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
+        return self._up(feats_BTF.float() @ self.A_FR)
+
+
+class ReadoutDecoder(Decoder):
+    """h = Σ_k v_k W[i_k] + b (initialised to the SAE decoder), then the frozen head."""
+
+    def __init__(self, cfg: DecoderConfig, head: FrozenHead):
+        super().__init__(cfg, head)
+        self.W_FD = nn.Parameter(torch.zeros(cfg.num_latents, cfg.d_model))
+        self.b_D = nn.Parameter(torch.zeros(cfg.d_model))
+
+    @torch.no_grad()
+    def init_from_sae(self, W_dec_FD: Tensor, b_dec_D: Tensor) -> None:
+        """Start as the logit lens on the SAE's reconstruction."""
+        self.W_FD.copy_(W_dec_FD)
+        self.b_D.copy_(b_dec_D)
+
+    def residual(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        flat_i = indices_BTK.reshape(-1, indices_BTK.shape[-1])
+        flat_v = values_BTK.reshape(-1, values_BTK.shape[-1]).float()
+        h = F.embedding_bag(flat_i, self.W_FD, per_sample_weights=flat_v, mode="sum") + self.b_D
+        return h.reshape(*indices_BTK.shape[:-1], -1)
+
+    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        return self._add_bias(self.head(self.residual(indices_BTK, values_BTK)))
+
+    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
+        return self._add_bias(self.head(feats_BTF.float() @ self.W_FD + self.b_D))
+
+    @torch.no_grad()
+    def contributions(self, indices_NK: Tensor, values_NK: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact decomposition of the logits of N positions: (per-slot [N, K, V], rest [N, V]).
+
+        With the norm's per-position scale s fixed, the head is affine, so
+        logits = Σ_k v_k·s·U(center(W_k)⊙g) + s·U(center(b)⊙g) + constant + vocab bias.
+        Summing the slots and the rest gives `forward` up to rounding.
+        """
+        head = self.head
+        s_N1 = head.scale(self.residual(indices_NK, values_NK))
+        g = head.norm_weight_D.float()
+        rows_NKD = head.center(self.W_FD[indices_NK]) * g
+        per_slot = head.unembed(rows_NKD) * (values_NK.float() * s_N1)[..., None]
+        rest = head.unembed((head.center(self.b_D) * g)[None]) * s_N1 + head.constant_logits()
+        return per_slot, self._add_bias(rest)

@@ -1,0 +1,159 @@
+"""The context decoder: a small causal transformer over the sparse features of positions ≤ t.
+
+Each position's features enter as a sum of learned feature embeddings weighted by activation
+(EmbeddingBag), so the cost does not grow with the SAE width; the embedding starts as the SAE
+decoder, so the stream starts as the SAE reconstruction of the residual. Pre-norm blocks (RMSNorm,
+grouped-query attention with rotary positions, SwiGLU MLP) then write into that stream, and the
+frozen final norm + unembedding read it out.
+
+Blocks can start from copies of the frozen model's upper blocks (Llama-family weights: same
+names, same rotary convention), or with their output projections at zero, so that the decoder
+starts as the readout decoder on the SAE reconstruction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.decoder import Decoder, DecoderConfig
+from models.errors import ConfigError
+from models.head import FrozenHead
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHTd: Tensor, cos_Td: Tensor, sin_Td: Tensor) -> Tensor:
+    half = x_BHTd.shape[-1] // 2
+    rotated = torch.cat([-x_BHTd[..., half:], x_BHTd[..., :half]], dim=-1)
+    return x_BHTd * cos_Td.to(x_BHTd.dtype) + rotated * sin_Td.to(x_BHTd.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        d, kv = cfg.d_model, cfg.n_kv_heads * (cfg.d_model // cfg.n_heads)
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(d, d, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Parameter names match transformers' LlamaDecoderLayer, so its weights load directly."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ContextDecoder(Decoder):
+    def __init__(self, cfg: DecoderConfig, head: FrozenHead):
+        super().__init__(cfg, head)
+        self.embed_FD = nn.Parameter(torch.zeros(cfg.num_latents, cfg.d_model))
+        self.b_D = nn.Parameter(torch.zeros(cfg.d_model))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_context, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._init_blocks()
+
+    @property
+    def uses_context(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def _init_blocks(self) -> None:
+        for block in self.blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+
+    @torch.no_grad()
+    def init_from_sae(self, W_dec_FD: Tensor, b_dec_D: Tensor) -> None:
+        self.embed_FD.copy_(W_dec_FD)
+        self.b_D.copy_(b_dec_D)
+
+    @torch.no_grad()
+    def init_from_blocks(self, frozen_blocks: list[nn.Module]) -> list[str]:
+        """Copy Llama-family blocks (one per decoder block); returns what was loaded."""
+        if len(frozen_blocks) != len(self.blocks):
+            raise ConfigError(f"init_from_blocks: {len(frozen_blocks)} source blocks for {len(self.blocks)} decoder blocks")
+        for mine, theirs in zip(self.blocks, frozen_blocks):
+            state = {k: v.float() for k, v in theirs.state_dict().items()}
+            missing, _ = mine.load_state_dict(state, strict=False)
+            if missing:
+                raise ConfigError(f"--init upper-blocks: the model's blocks ({type(theirs).__name__}) lack {missing[:3]}; "
+                                  "use --init zero for this architecture")
+        return [type(b).__name__ for b in frozen_blocks]
+
+    def stream(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        B, T, K = indices_BTK.shape
+        x = F.embedding_bag(indices_BTK.reshape(-1, K), self.embed_FD, per_sample_weights=values_BTK.reshape(-1, K).float(),
+                            mode="sum").view(B, T, -1) + self.b_D
+        return self._blocks(x)
+
+    def _blocks(self, x_BTD: Tensor) -> Tensor:
+        T = x_BTD.shape[1]
+        if T > self.cfg.max_context:
+            raise ValueError(f"context decoder: sequence of {T} positions exceeds max_context {self.cfg.max_context}")
+        cos, sin = self.cos[:T], self.sin[:T]
+        with torch.autocast(x_BTD.device.type, dtype=torch.bfloat16):
+            for block in self.blocks:
+                x_BTD = block(x_BTD, cos, sin)
+        return x_BTD.float()
+
+    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        if indices_BTK.dim() != 3:
+            raise ValueError(f"context decoder: expected [batch, positions, slots] features, got shape {tuple(indices_BTK.shape)}")
+        return self._add_bias(self.head(self.stream(indices_BTK, values_BTK)))
+
+    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
+        x = feats_BTF.float() @ self.embed_FD + self.b_D
+        return self._add_bias(self.head(self._blocks(x)))

@@ -1,0 +1,234 @@
+"""Decoders, distillation losses and the distillation loop on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from distill.loss import ce_argmax, kl_full, kl_topk
+from models.decoder import DecoderConfig, build_decoder, dense_to_sparse, load_decoder
+from models.decoder_context import ContextDecoder
+from models.head import FrozenHead
+
+
+def _sparse_batch(num_latents=48, B=2, T=6, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, T, num_latents, generator=g)
+    indices = scores.topk(K, dim=-1).indices
+    values = torch.rand(B, T, K, generator=g) * 3
+    values[0, 0, -1] = 0.0  # an unused slot
+    dense = torch.zeros(B, T, num_latents).scatter_(-1, indices, values)
+    return indices, values, dense
+
+
+def _decoder(arch, frozen, num_latents=48, seed=0):
+    cfg = DecoderConfig(arch=arch, num_latents=num_latents, d_model=frozen.d_model, vocab_size=frozen.vocab_size,
+                        rank=8, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64)
+    torch.manual_seed(seed)
+    decoder = build_decoder(cfg, FrozenHead.from_frozen(frozen))
+    with torch.no_grad():  # make every parameter non-trivial, so the checks below can fail
+        for p in decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return decoder.eval()
+
+
+@pytest.mark.parametrize("arch", ["linear", "readout", "context"])
+def test_sparse_and_dense_inputs_give_the_same_logits(arch, tiny_frozen):
+    decoder = _decoder(arch, tiny_frozen)
+    indices, values, dense = _sparse_batch()
+    with torch.no_grad():
+        sparse_logits = decoder(indices, values)
+        dense_logits = decoder.forward_dense(dense)
+        i2, v2 = dense_to_sparse(dense)
+        again = decoder(i2, v2)
+    assert sparse_logits.shape == (2, 6, tiny_frozen.vocab_size)
+    tol = 2e-2 if arch == "context" else 1e-4  # context blocks run under bf16 autocast
+    torch.testing.assert_close(dense_logits, sparse_logits, atol=tol, rtol=tol)
+    torch.testing.assert_close(again, sparse_logits, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("arch", ["linear", "readout", "context"])
+def test_save_load_round_trip(arch, tiny_frozen, tmp_path):
+    decoder = _decoder(arch, tiny_frozen)
+    decoder.save(tmp_path / "dec", extra={"layer": 2, "model": "tiny"})
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["decoder.json", "decoder.safetensors"]
+    loaded = load_decoder(tmp_path / "dec", FrozenHead.from_frozen(tiny_frozen))
+    indices, values, _ = _sparse_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(indices, values), decoder(indices, values))
+    assert loaded.meta["layer"] == 2
+    # the frozen head is never stored: the checkpoint holds the decoder's own weights only
+    stored = json.loads((tmp_path / "dec" / "decoder.json").read_text())
+    assert stored["arch"] == arch
+
+
+def test_load_refuses_a_folder_without_a_decoder(tmp_path, tiny_frozen):
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a decoder folder"):
+        load_decoder(tmp_path, FrozenHead.from_frozen(tiny_frozen))
+
+
+def test_readout_contributions_sum_to_its_logits(tiny_frozen):
+    decoder = _decoder("readout", tiny_frozen)
+    indices, values, _ = _sparse_batch()
+    idx, val = indices.flatten(0, 1), values.flatten(0, 1)
+    per_slot, rest = decoder.contributions(idx, val)
+    with torch.no_grad():
+        logits = decoder(idx, val)
+    assert per_slot.shape == (12, 5, tiny_frozen.vocab_size)
+    torch.testing.assert_close(per_slot.sum(1) + rest, logits, atol=1e-4, rtol=1e-4)
+    assert per_slot[0, -1].abs().max() == 0  # an unused slot contributes nothing
+
+
+def test_context_decoder_with_all_upper_blocks_reproduces_the_frozen_model(tiny_frozen):
+    """Copied Llama blocks + our attention/rotary/MLP code must compute what transformers computes."""
+    from distill.student import decoder_config
+
+    class _Sae:  # only the width is read
+        class cfg:
+            num_latents = 8
+
+    layer = 2
+    cfg = decoder_config("context", _Sae, tiny_frozen, rank=0, vocab_bias=False, n_layers=tiny_frozen.n_layers - layer)
+    decoder = ContextDecoder(cfg, FrozenHead.from_frozen(tiny_frozen))
+    decoder.init_from_blocks([tiny_frozen.blocks[i] for i in range(layer, tiny_frozen.n_layers)])
+    ids = torch.randint(3, tiny_frozen.vocab_size, (2, 12))
+    logits, store = tiny_frozen.forward(ids, [layer])
+    with torch.no_grad():
+        mine = decoder.head(decoder._blocks(store[layer].float()))
+    torch.testing.assert_close(mine.log_softmax(-1), logits.float().log_softmax(-1), atol=0.05, rtol=0.05)
+    assert (mine.argmax(-1) == logits.argmax(-1)).float().mean() > 0.95
+
+
+def test_kl_matches_a_hand_computed_case():
+    teacher = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    student_logits = torch.tensor([[0.25, 0.5, 0.25]]).log() + 7.0  # logits: any shift
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5) + 0.0  # Σ p log(p/q)
+    assert kl_full(teacher, student_logits).item() == pytest.approx(expected, abs=1e-6)
+    # top-1 + rest: bins {0}, {1, 2}: p = (.5, .5), q = (.25, .75)
+    ids, logp = torch.tensor([[0]]), torch.tensor([[math.log(0.5)]])
+    rest = torch.tensor([math.log(0.5)])
+    binned = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_topk(ids, logp, rest, student_logits).item() == pytest.approx(binned, abs=1e-6)
+    assert ce_argmax(ids, student_logits).item() == pytest.approx(-math.log(0.25), abs=1e-6)
+
+
+def test_topk_kl_is_a_lower_bound_and_exact_with_the_whole_vocabulary():
+    from corpus.cache import teacher_targets
+
+    g = torch.Generator().manual_seed(1)
+    teacher_logits, student = torch.randn(16, 50, generator=g) * 3, torch.randn(16, 50, generator=g) * 3
+    exact = kl_full(teacher_logits.log_softmax(-1), student)
+    for k in (1, 5, 20):
+        t = teacher_targets(teacher_logits, k)
+        bound = kl_topk(t["teacher.topk_ids"], t["teacher.topk_logp"], t["teacher.rest_logmass"], student)
+        assert (bound <= exact + 1e-5).all()
+    t = teacher_targets(teacher_logits, 50)
+    full = kl_topk(t["teacher.topk_ids"], t["teacher.topk_logp"], t["teacher.rest_logmass"], student)
+    torch.testing.assert_close(full, exact, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory):
+    """A tiny Llama whose next-token distributions are peaked (a random init is near uniform: KL ~ 0)."""
+    from tests.conftest import build_tiny_model
+    from safetensors.torch import load_file, save_file
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("sharp"))
+    weights = load_file(str(directory / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 40
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def _tiny_sae(frozen, tmp_path, layer=2):
+    from sae.config import SaeConfig
+    from sae.model import SparseAutoencoder
+
+    sae = SparseAutoencoder(SaeConfig(d_in=frozen.d_model, num_latents=64, arch="topk", k=8))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.save(tmp_path / "sae", extra={"layer": layer, "model": str(frozen.name)})
+    return tmp_path / "sae"
+
+
+@pytest.mark.parametrize("arch", ["readout", "context"])
+def test_distillation_lowers_held_out_kl(arch, sharp_model_dir, tmp_path):
+    from distill.config import DistillConfig
+    from distill.job import teacher_cache
+    from distill.student import build_student_decoder
+    from distill.train import DistillTrainer, HeldOut
+    from models import ModelConfig, load_frozen
+    from sae.model import SparseAutoencoder
+
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    sae = SparseAutoencoder.load(_tiny_sae(frozen, tmp_path))
+    cfg = DistillConfig(sae=tmp_path / "sae", arch=arch, model=str(sharp_model_dir), dtype="fp32", data="builtin:tasks",
+                        tokens=31 * 8 * 30, seq_len=32, out=tmp_path / "run", cache_dir=tmp_path / "cache",
+                        n_layers=1, init="zero", eval_tokens=512, eval_points=2, lr=3e-3)
+    cache = teacher_cache(cfg, frozen, 2)
+    student = build_student_decoder(arch, sae, frozen, 2, n_layers=1, init="zero")
+    trainer = DistillTrainer(cfg, "decoder", student, sae, cache, 2, held_out=HeldOut(cfg, frozen, 2))
+    trainer.start()
+    state = trainer.run()
+    before, after = state.curve[0], state.curve[-1]
+    assert before["tokens"] == 0 and after["tokens"] == 30 * 8 * 31
+    assert before["kl"] > 1.0  # the sharp model: a real gap to close
+    assert after["kl"] < 0.7 * before["kl"]
+    assert (tmp_path / "run" / "checkpoints" / "latest" / "state.json").is_file()
+
+
+def test_decoder_train_resumes_after_a_worker_failure_and_eval_reports_every_baseline(sharp_model_dir, tmp_path, capsys):
+    from faithlens_cli import main
+    from models import ModelConfig, load_frozen
+
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    sae_dir = _tiny_sae(frozen, tmp_path)
+    common = ["--model", str(sharp_model_dir), "--dtype", "fp32", "--data", "builtin:tasks", "--seq-len", "32",
+              "--cache-dir", str(tmp_path / "cache"), "--eval-tokens", "256", "--eval-points", "2"]
+    code = main(["decoder", "train", "--sae", str(sae_dir), "--arch", "readout", "--tokens", "3000",
+                 "--out", str(tmp_path / "dec"), "--checkpoint-every", "4", "--fail-at-step", "6", *common])
+    assert code == 0
+    assert (tmp_path / "dec" / ".failed_once").exists()
+    assert (tmp_path / "dec" / "decoder" / "decoder.json").is_file()
+    metrics = json.loads((tmp_path / "dec" / "metrics.json").read_text())
+    assert len(metrics["curve"]) == 3 and metrics["steps"] == 13
+    assert list((tmp_path / "dec" / "tb").glob("events.out.tfevents.*"))
+    code = main(["lens", "train", "--layer", "2", "--tokens", "1000", "--out", str(tmp_path / "lens"), *common])
+    assert code == 0 and (tmp_path / "lens" / "lens" / "lens.json").is_file()
+    capsys.readouterr()
+    code = main(["decoder", "eval", str(tmp_path / "dec"), "--lens", str(tmp_path / "lens"), "--model", str(sharp_model_dir),
+                 "--dtype", "fp32", "--data", "builtin:tasks", "--ood", "builtin:self", "--tokens", "300", "--seq-len", "32",
+                 "--task-examples", "5", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"kl", "top1", "ce", "frozen_ce", "tokens", "baselines"} <= set(result)
+    assert set(result["baselines"]) == {"logit_lens", "tuned_lens", "spliced_sae"}
+    assert result["tokens"] > 0 and result["kl"] >= 0 and 0 <= result["top1"] <= 1
+    assert set(result["corpora"]) == {"in_domain", "ood"}
+    assert (tmp_path / "dec" / "eval.md").is_file()
+
+
+def test_decoder_train_rejects_a_folder_without_an_sae(tmp_path, capsys):
+    from faithlens_cli import main
+
+    assert main(["decoder", "train", "--sae", str(tmp_path), "--data", "builtin:tasks"]) == 2
+    assert "not an SAE folder" in capsys.readouterr().err
+
+
+def test_fused_topk_kl_matches_autograd_reference_in_value_and_gradient():
+    from corpus.cache import teacher_targets
+    from distill.loss import kl_topk_reference
+
+    g = torch.Generator().manual_seed(2)
+    t = teacher_targets(torch.randn(8, 40, generator=g) * 2, 6)
+    args = (t["teacher.topk_ids"], t["teacher.topk_logp"], t["teacher.rest_logmass"])
+    grads = []
+    for fn in (kl_topk, kl_topk_reference):
+        logits = (torch.randn(8, 40, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+        value = fn(*args, logits)
+        (value * torch.arange(1.0, 9.0)).sum().backward()  # non-uniform upstream gradient
+        grads.append((value.detach(), logits.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
