@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                      "Decoders and lens baselines: KL, top-1, CE in and out of domain, task accuracy."),
     "lens train": ("distill.job", "distill.config:LensTrainConfig", "run_lens_train",
                    "Train the tuned-lens baseline (affine translator on the raw residual)."),
+    "ppo": ("rl_env.ppo", "rl_env.ppo_config:PpoConfig", "run_ppo",
+            "One PPO trial (RLlib) of a distilled decoder against the multi-objective reward."),
+    "ppo export": ("rl_env.ppo", "rl_env.ppo_config:PpoExportConfig", "run_ppo_export",
+                   "Write a PPO run's policy as a plain decoder checkpoint."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }

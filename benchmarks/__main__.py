@@ -44,7 +44,13 @@ class BenchConfig:
     k: int = 64
     """TopK k for the SAE benchmark."""
 
-    stages: str = "foundation,sae"
+    distill_steps: int = 4
+    """Timed optimizer steps per student in the distillation benchmark."""
+
+    sae: str = ""
+    """An SAE folder for the distillation benchmark (default: a random TopK SAE of --latents/--k)."""
+
+    stages: str = "foundation,sae,distill"
     """Comma-separated stages to benchmark."""
 
     json: bool = False
@@ -63,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.sae import bench_sae
 
         results["sae"] = bench_sae(cfg.model, cfg.layer, cfg.sae_tokens, cfg.latents, cfg.k, cfg.dtype)
+    if "distill" in stages:
+        from benchmarks.distill import bench_distill
+
+        results["distill"] = bench_distill(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.distill_steps,
+                                           cfg.batch, cfg.sae)
     if cfg.json:
         print(json.dumps(results))
         return

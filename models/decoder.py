@@ -47,6 +47,10 @@ class DecoderConfig:
     """linear: bottleneck rank; 0 = a full num_latents × vocab matrix (large: 5,760 × 49,152 is 283M weights)."""
     vocab_bias: bool = True
     """A trainable bias over the vocabulary, added to the logits."""
+    readout_affine: bool = True
+    """readout: a shared affine map x + A·x + c (zero-initialised) after the feature sum. Every feature's
+    direction then learns from every token, not only from the tokens it fires on; the logits stay linear
+    in the features."""
     n_layers: int = 4
     """context: transformer blocks."""
     n_heads: int = 9
@@ -129,7 +133,8 @@ def load_decoder(directory: Path, head: FrozenHead | None) -> Decoder:
     """Load a checkpoint; `head` must come from the model named in its `model` field (unknown keys ignored)."""
     meta = read_decoder_meta(directory)
     known = {f.name for f in fields(DecoderConfig)}
-    cfg = DecoderConfig(**{k: v for k, v in meta.items() if k in known})
+    # checkpoints written before the readout's affine map existed have none
+    cfg = DecoderConfig(**{"readout_affine": False, **{k: v for k, v in meta.items() if k in known}})
     if cfg.arch != "linear" and head is None:
         raise ConfigError(f"{directory}: a {cfg.arch} decoder needs the frozen model's head")
     if head is not None and head.vocab_size != cfg.vocab_size:
@@ -174,6 +179,10 @@ class ReadoutDecoder(Decoder):
         super().__init__(cfg, head)
         self.W_FD = nn.Parameter(torch.zeros(cfg.num_latents, cfg.d_model))
         self.b_D = nn.Parameter(torch.zeros(cfg.d_model))
+        self.affine = nn.Linear(cfg.d_model, cfg.d_model) if cfg.readout_affine else None
+        if self.affine is not None:
+            nn.init.zeros_(self.affine.weight)
+            nn.init.zeros_(self.affine.bias)
 
     @torch.no_grad()
     def init_from_sae(self, W_dec_FD: Tensor, b_dec_D: Tensor) -> None:
@@ -181,30 +190,36 @@ class ReadoutDecoder(Decoder):
         self.W_FD.copy_(W_dec_FD)
         self.b_D.copy_(b_dec_D)
 
+    def _translate(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        if self.affine is None:
+            return x
+        return x + (self.affine(x) if with_bias else x @ self.affine.weight.t())
+
     def residual(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
         flat_i = indices_BTK.reshape(-1, indices_BTK.shape[-1])
         flat_v = values_BTK.reshape(-1, values_BTK.shape[-1]).float()
         h = F.embedding_bag(flat_i, self.W_FD, per_sample_weights=flat_v, mode="sum") + self.b_D
-        return h.reshape(*indices_BTK.shape[:-1], -1)
+        return self._translate(h).reshape(*indices_BTK.shape[:-1], -1)
 
     def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
         return self._add_bias(self.head(self.residual(indices_BTK, values_BTK)))
 
     def forward_dense(self, feats_BTF: Tensor) -> Tensor:
-        return self._add_bias(self.head(feats_BTF.float() @ self.W_FD + self.b_D))
+        return self._add_bias(self.head(self._translate(feats_BTF.float() @ self.W_FD + self.b_D)))
 
     @torch.no_grad()
     def contributions(self, indices_NK: Tensor, values_NK: Tensor) -> tuple[Tensor, Tensor]:
         """Exact decomposition of the logits of N positions: (per-slot [N, K, V], rest [N, V]).
 
         With the norm's per-position scale s fixed, the head is affine, so
-        logits = Σ_k v_k·s·U(center(W_k)⊙g) + s·U(center(b)⊙g) + constant + vocab bias.
+        logits = Σ_k v_k·s·U(center(W'_k)⊙g) + s·U(center(b')⊙g) + constant + vocab bias, where W'_k and b'
+        are the feature directions and bias after the affine map (its linear part applies to directions).
         Summing the slots and the rest gives `forward` up to rounding.
         """
         head = self.head
         s_N1 = head.scale(self.residual(indices_NK, values_NK))
         g = head.norm_weight_D.float()
-        rows_NKD = head.center(self.W_FD[indices_NK]) * g
+        rows_NKD = head.center(self._translate(self.W_FD[indices_NK], with_bias=False)) * g
         per_slot = head.unembed(rows_NKD) * (values_NK.float() * s_N1)[..., None]
-        rest = head.unembed((head.center(self.b_D) * g)[None]) * s_N1 + head.constant_logits()
+        rest = head.unembed((head.center(self._translate(self.b_D[None]))[0] * g)[None]) * s_N1 + head.constant_logits()
         return per_slot, self._add_bias(rest)

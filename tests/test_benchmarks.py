@@ -5,10 +5,14 @@ from benchmarks.__main__ import main
 
 def test_benchmark_command_runs_on_a_tiny_model(tiny_model_dir, capsys):
     main(["--model", str(tiny_model_dir), "--dtype", "fp32", "--layer", "2", "--batch", "2", "--seq-len", "32",
-          "--repeats", "1", "--cache-tokens", "256", "--sae-tokens", "2048", "--latents", "64", "--k", "4", "--json"])
+          "--repeats", "1", "--cache-tokens", "256", "--sae-tokens", "2048", "--latents", "64", "--k", "4", "--distill-steps", "1",
+          "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     f = result["foundation"]
     assert f["full_forward_tok_s"] > 0 and f["activations_only_L2_tok_s"] > 0 and f["cache_build_tok_s"] > 0
     assert "model_load_cold_s" not in f  # only the embedded GGUF model has a cold load
     s = result["sae"]
     assert s["topk_train_tok_s"] > 0 and s["relu_end_to_end_tok_s"] > 0 and s["peak_rss_mb"] > 0
+    d = result["distill"]
+    for student in ("linear", "readout", "context", "lens"):
+        assert d[f"{student}_tok_s"] > 0 and d[f"{student}_peak_rss_mb"] > 0 and d[f"{student}_trainable_params"] > 0

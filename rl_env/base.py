@@ -1,0 +1,176 @@
+"""What both environments share: observation/action spaces, the reward computation for a batch of
+sub-environment steps, reward statistics, and the Gymnasium facades (single env and VectorEnv).
+
+An environment "engine" steps all of its sub-environments at once (one SAE encode, one frozen-model
+call); `SingleEnv` and `BatchedVectorEnv` expose an engine as a `gymnasium.Env` (num_envs = 1) or
+a `gymnasium.vector.VectorEnv` with next-step autoreset, which RLlib samples natively.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from models.head import FrozenHead
+from models.loading import load_frozen
+from models.config import ModelConfig
+from rl_env.config import EnvConfig
+from rl_env.reward import RewardSchedule, direct_attribution, mono_share, parse_phases
+from sae.model import SparseAutoencoder
+
+COMPONENTS = ("reward", "r_faith", "r_mono", "r_task", "features_needed")
+
+
+class Engine:
+    """Base engine: spaces, SAE features, reward, statistics. Subclasses implement `_reset_rows`/`_advance`."""
+
+    def __init__(self, cfg: EnvConfig, num_envs: int, frozen=None):
+        self.cfg, self.num_envs = cfg, num_envs
+        self.frozen = frozen or load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
+        self.sae = SparseAutoencoder.load(Path(cfg.sae))
+        self.head = FrozenHead.from_frozen(self.frozen)
+        self.width = cfg.width or self.sae.cfg.sparse_width
+        self.vocab = self.frozen.vocab_size
+        self.schedule = RewardSchedule(parse_phases(cfg.phases), cfg.total_steps)
+        self.steps = 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self.noise = torch.Generator().manual_seed(cfg.seed + 17)
+        ctx = cfg.context + 1
+        self.single_observation_space = gym.spaces.Dict({
+            "indices": gym.spaces.Box(0, self.sae.cfg.num_latents - 1, (ctx, self.width), np.int64),
+            "values": gym.spaces.Box(0.0, np.inf, (ctx, self.width), np.float32),
+        })
+        self.single_action_space = gym.spaces.Discrete(self.vocab)
+        self._reset_stats()
+
+    # -- features --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, resid_ND: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """SAE features of N positions as fixed-width (indices int64, values float32) arrays."""
+        enc = self.sae.encode(resid_ND.float())
+        idx, val = enc.indices_NK, enc.acts_NK
+        if idx.shape[1] < self.width:
+            pad = self.width - idx.shape[1]
+            idx = torch.nn.functional.pad(idx, (0, pad))
+            val = torch.nn.functional.pad(val, (0, pad))
+        return idx[:, : self.width].numpy().astype(np.int64), val[:, : self.width].clamp_min(0).numpy().astype(np.float32)
+
+    # -- reward ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reward(self, actions: np.ndarray, logp_frozen: torch.Tensor, idx_NK: np.ndarray, val_NK: np.ndarray,
+               task: np.ndarray) -> tuple[np.ndarray, dict]:
+        """α·r_faith + β·r_mono + γ·r_task for N steps (or noise with random_reward); components in the dict."""
+        a = torch.as_tensor(actions)
+        attr = direct_attribution(a, torch.as_tensor(idx_NK), torch.as_tensor(val_NK), self.sae.W_dec,
+                                  self.head.norm_weight_D, self.head.unembed_VD)
+        r_mono, needed = mono_share(attr, self.cfg.top_m)
+        alpha, beta, gamma = self.schedule.weights(self.steps)
+        r_faith = logp_frozen.float()
+        r_task = torch.as_tensor(task, dtype=torch.float32)
+        reward = alpha * r_faith + beta * r_mono + gamma * r_task
+        if self.cfg.random_reward:
+            reward = torch.randn(reward.shape, generator=self.noise)
+        parts = {"reward": reward, "r_faith": r_faith, "r_mono": r_mono, "r_task": r_task, "features_needed": needed}
+        for key, value in parts.items():
+            self._sums[key] += float(value.sum())
+        self._count += len(actions)
+        self.steps += len(actions)
+        self._maybe_adjust_beta()
+        info = {k: v.numpy().astype(np.float32) for k, v in parts.items()}
+        info.update(alpha=np.full(len(actions), alpha, np.float32), beta=np.full(len(actions), beta, np.float32),
+                    gamma=np.full(len(actions), gamma, np.float32))
+        return reward.numpy().astype(np.float32), info
+
+    def _maybe_adjust_beta(self, every: int = 2048) -> None:
+        if not self.cfg.dynamic or self._count < every:
+            return
+        if self._sums["features_needed"] / self._count > self.cfg.max_features and self.schedule.beta_scale < 4:
+            self.schedule.beta_scale = min(4.0, self.schedule.beta_scale * 1.25)
+
+    def set_alpha_scale(self, scale: float) -> None:
+        self.schedule.alpha_scale = scale
+
+    # -- statistics ------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        self._sums = dict.fromkeys(COMPONENTS, 0.0)
+        self._count = 0
+
+    def pop_stats(self) -> dict:
+        """Mean of each reward component since the last call, plus the current weights."""
+        n = max(1, self._count)
+        alpha, beta, gamma = self.schedule.weights(self.steps)
+        out = {k: v / n for k, v in self._sums.items()}
+        out.update(steps=self._count, alpha=alpha, beta=beta, gamma=gamma, phase=self.schedule.phase_index(self.steps),
+                   total_env_steps=self.steps)
+        self._reset_stats()
+        return out
+
+    # -- the batched protocol --------------------------------------------------------------
+    def reset_all(self, seed: int | None = None) -> dict:
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        return self.reset_rows(np.arange(self.num_envs))
+
+    def reset_rows(self, rows: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
+        raise NotImplementedError
+
+
+class BatchedVectorEnv(VectorEnv):
+    """A VectorEnv over an engine, with next-step autoreset (what RLlib's env runner expects)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.num_envs = engine.num_envs
+        self.single_observation_space = engine.single_observation_space
+        self.single_action_space = engine.single_action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._needs_reset = np.zeros(self.num_envs, dtype=bool)
+
+    def reset(self, *, seed=None, options=None):
+        self._needs_reset[:] = False
+        return self.engine.reset_all(seed), {}
+
+    def step(self, actions):
+        actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
+        obs, rewards, terminated, truncated, info = self.engine.step(actions, skip=self._needs_reset.copy())
+        done = terminated | truncated
+        if self._needs_reset.any():  # these rows restart now: their action is ignored, reward 0
+            rows = np.flatnonzero(self._needs_reset)
+            fresh = self.engine.reset_rows(rows)
+            for key in obs:
+                obs[key][rows] = fresh[key][rows]
+            rewards[rows] = 0.0
+            terminated[rows] = truncated[rows] = False
+        self._needs_reset = done & ~self._needs_reset
+        return obs, rewards, terminated, truncated, info
+
+
+class SingleEnv(gym.Env):
+    """The same engine with one sub-environment, as a plain gymnasium.Env."""
+
+    def __init__(self, engine: Engine):
+        assert engine.num_envs == 1
+        self.engine = engine
+        self.observation_space = engine.single_observation_space
+        self.action_space = engine.single_action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        obs = self.engine.reset_all(seed)
+        return {k: v[0] for k, v in obs.items()}, {}
+
+    def step(self, action):
+        obs, rewards, terminated, truncated, info = self.engine.step(np.array([int(action)], dtype=np.int64))
+        return ({k: v[0] for k, v in obs.items()}, float(rewards[0]), bool(terminated[0]), bool(truncated[0]),
+                {k: float(v[0]) for k, v in info.items()})

@@ -1,0 +1,92 @@
+"""Environment settings (the `env_config` RLlib hands to every environment) and reward settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+from models.errors import ConfigError
+from rl_env.reward import DEFAULT_PHASES, parse_phases
+
+
+@dataclass
+class RewardConfig:
+    phases: str = DEFAULT_PHASES
+    """(α, β, γ) phases as RATIO:ALPHA/BETA/GAMMA, step counts in proportion to the ratios (default: the
+    design's 0.5/0.3/0.2 → 0.4/0.3/0.3 → 0.3/0.2/0.5 in the ratio 2:6:2)."""
+
+    top_m: int = 5
+    """r_mono: the share of positive direct attribution carried by this many top features."""
+
+    reference: Literal["data", "frozen"] = "data"
+    """r_task in the token environment: match the data's next token, or the frozen model's argmax."""
+
+    dynamic: bool = True
+    """The design's dynamic adjustment: lower α once held-out KL < kl_target; raise β while explanations
+    need more than max_features features for half of the chosen token's positive attribution."""
+
+    kl_target: float = 0.5
+    """Held-out KL (nats/token) below which α is lowered (×0.5)."""
+
+    max_features: float = 20.0
+    """Mean features needed for half the attribution above which β is raised (×1.25 per check, at most ×4)."""
+
+    random_reward: bool = False
+    """Replace every reward by N(0, 1) noise (the baseline that shows the reward means something)."""
+
+    def __post_init__(self) -> None:
+        parse_phases(self.phases)
+        if self.top_m < 1:
+            raise ConfigError(f"--top-m: expected at least 1, got {self.top_m}")
+
+
+@dataclass
+class EnvConfig(RewardConfig):
+    """Everything an environment needs; plain values only, so it travels as RLlib's env_config."""
+
+    env: Literal["token", "generation"] = "token"
+    """token: teacher-forced windows of cached text; generation: the decoder writes answers to task prompts."""
+
+    model: str = ""
+    """Frozen model (hub id, local dir or embedded:…)."""
+
+    dtype: str = "auto"
+    layer: int = 9
+    sae: str = ""
+    """SAE folder whose features the policy reads."""
+
+    cache: str = ""
+    """token: activation cache with teacher targets at the layer."""
+
+    window: int = 16
+    """token: positions per episode."""
+
+    context: int = 0
+    """Previous positions included in each observation (context decoders read them)."""
+
+    width: int = 0
+    """Feature slots per position in observations (0 = the SAE's sparse width)."""
+
+    tasks: str = "builtin:tasks"
+    """generation: task prompts (builtin:tasks, builtin:tasks:SUITE, or a GSM8K-style .jsonl)."""
+
+    max_new_tokens: int = 8
+    """generation: tokens the decoder may write before the episode is cut."""
+
+    total_steps: int = 10_000
+    """Env steps of the whole run (sets the phase boundaries)."""
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1 or self.context < 0:
+            raise ConfigError(f"--window must be >= 1 and --context >= 0 (got {self.window}, {self.context})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EnvConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,296 @@
+"""`faithlens ppo`: one PPO trial in RLlib on the decoder-on-features environment.
+
+The loop: held-out evaluation of the distilled decoder (before) → PPO iterations (RLlib's
+`algo.train()`), each logging every reward component and PPO statistic to TensorBoard; every
+`eval_every` iterations held-out KL / top-1 / task accuracy, the design's dynamic α adjustment and
+a checkpoint (a rerun with the same --out resumes from it) → the policy exported as a plain
+decoder checkpoint, and metrics.json with before/after figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+
+from models.errors import ConfigError
+from models.io import write_json_atomic
+from rl_env.config import EnvConfig
+from rl_env.learner import SlimPPOLearner
+from rl_env.ppo_config import PpoConfig, PpoExportConfig, load_yaml_overrides
+
+log = logging.getLogger(__name__)
+
+ENV_NAMES = {"token": "faithlens-token", "generation": "faithlens-generation"}
+
+
+def make_env(env_config: dict):
+    """RLlib's env creator: a VectorEnv when asked for `num_envs` sub-environments, else a single env."""
+    cfg = EnvConfig.from_dict(dict(env_config))
+    num_envs = int(env_config.get("num_envs", 0))
+    if cfg.env == "token":
+        from rl_env.token_env import make_token_env, make_token_vec_env
+
+        return make_token_vec_env(cfg, num_envs) if num_envs else make_token_env(cfg)
+    from rl_env.generation_env import make_generation_env, make_generation_vec_env
+
+    return make_generation_vec_env(cfg, num_envs) if num_envs else make_generation_env(cfg)
+
+
+def register_envs() -> None:
+    from ray.tune.registry import register_env
+
+    for name in ENV_NAMES.values():
+        register_env(name, make_env)
+
+
+def _engine(env):
+    while not hasattr(env, "engine"):
+        env = env.env
+    return env.engine
+
+
+def engines_call(algo, fn) -> list:
+    """Apply fn(engine) on every env runner's environment (the local one when there are no remote runners)."""
+    return algo.env_runner_group.foreach_env_runner(lambda runner: fn(_engine(runner.env)), local_env_runner=True)
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def resolve(cfg: PpoConfig) -> PpoConfig:
+    """Fill in model / layer / SAE / data from the decoder; apply --config overrides to the options
+    left at their defaults (flags given on the command line win)."""
+    from distill.evaluate import decoder_dir
+    from models.decoder import read_decoder_meta
+
+    if cfg.config is not None:
+        defaults = {f.name: f.default for f in fields(PpoConfig)}
+        overrides = {k: v for k, v in load_yaml_overrides(cfg.config).items() if getattr(cfg, k) == defaults[k]}
+        cfg = replace(cfg, **{k: Path(v) if k in ("decoder", "out") else v for k, v in overrides.items()})
+    dec_dir = decoder_dir(cfg.decoder).resolve()
+    meta = read_decoder_meta(dec_dir)
+    updates = {"decoder": dec_dir, "model": cfg.model or meta.get("model", ""), "layer": int(meta.get("layer", cfg.layer)),
+               "sae": cfg.sae or meta.get("sae", ""), "data": cfg.data or meta.get("data", "")}
+    if not updates["sae"]:
+        raise ConfigError(f"{dec_dir}: decoder.json records no SAE; pass --sae")
+    if cfg.gamma < 0:
+        updates["gamma"] = 0.0 if cfg.env == "token" else 1.0
+    if cfg.context == 0 and meta.get("arch") == "context":
+        updates["context"] = 31  # a context decoder reads the previous positions too
+    return replace(cfg, **updates)
+
+
+def algo_config(cfg: PpoConfig, env_config: dict):
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from models.policy import DecoderPolicy
+
+    return (
+        PPOConfig()
+        .environment(env=ENV_NAMES[cfg.env], env_config=env_config)
+        .env_runners(num_env_runners=cfg.env_runners, num_envs_per_env_runner=cfg.num_envs,
+                     gym_env_vectorize_mode="vector_entry_point", rollout_fragment_length="auto")
+        .training(lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.lambda_, clip_param=cfg.clip_param,
+                  entropy_coeff=cfg.entropy_coeff, vf_loss_coeff=cfg.vf_loss_coeff, use_kl_loss=False,
+                  num_epochs=cfg.num_epochs, minibatch_size=cfg.minibatch_size, train_batch_size_per_learner=cfg.train_batch,
+                  grad_clip=1.0)
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=DecoderPolicy, model_config={
+            "decoder": str(cfg.decoder), "model": cfg.model, "dtype": cfg.dtype}))
+        .learners(num_learners=0, learner_class=SlimPPOLearner)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+    )
+
+
+def env_config_for(cfg: PpoConfig, cache_root: str) -> dict:
+    env = EnvConfig.from_dict(asdict(cfg))
+    return {**env.to_dict(), "cache": cache_root, "total_steps": cfg.steps}
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+class Evaluator:
+    """Held-out KL / top-1 (exact, full vocabulary) and task accuracy of a decoder."""
+
+    def __init__(self, cfg: PpoConfig, frozen, sae):
+        from distill.config import TrainLoopConfig
+        from distill.train import HeldOut
+
+        self.cfg, self.frozen, self.sae = cfg, frozen, sae
+        held_cfg = TrainLoopConfig(model=cfg.model, dtype=cfg.dtype, data=cfg.data, eval_tokens=cfg.eval_tokens, seed=cfg.seed)
+        self.held_out = HeldOut(held_cfg, frozen, cfg.layer)
+
+    def __call__(self, decoder) -> dict:
+        from distill.evaluate import task_accuracy
+
+        was_training = decoder.training
+        decoder.eval()
+        out = self.held_out.measure(decoder, self.sae)
+        if self.cfg.task_suite:
+            tasks = task_accuracy(self.frozen, self.cfg.layer, {"decoder": (decoder, self.sae)}, self.cfg.task_suite,
+                                  self.cfg.task_examples, self.cfg.seed)
+            out.update(task_acc=tasks["decoder"], frozen_task_acc=tasks["frozen"])
+        decoder.train(was_training)
+        return out
+
+
+# -- the trial -------------------------------------------------------------------------------------------
+def _token_cache(cfg: PpoConfig, frozen) -> str:
+    if cfg.cache:
+        return str(Path(cfg.cache).resolve())
+    from distill.config import TrainLoopConfig
+    from distill.job import teacher_cache
+
+    cache_cfg = TrainLoopConfig(model=cfg.model, dtype=cfg.dtype, data=cfg.data, tokens=cfg.cache_tokens, seed=cfg.seed,
+                                cache_dir=Path(cfg.out).parent / "cache")
+    return str(teacher_cache(cache_cfg, frozen, cfg.layer).root.resolve())
+
+
+def _learner_stats(result: dict) -> dict:
+    stats = result.get("learners", {}).get("default_policy", {})
+    keys = ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "total_loss")
+    return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
+
+
+def run_ppo(cfg: PpoConfig) -> dict:
+    import ray
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    from models.config import ModelConfig
+    from models.loading import load_frozen
+    from sae.model import SparseAutoencoder
+
+    cfg = resolve(cfg)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    frozen = load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
+    sae = SparseAutoencoder.load(Path(cfg.sae))
+    cache_root = _token_cache(cfg, frozen) if cfg.env == "token" else ""
+    env_config = env_config_for(cfg, cache_root)
+    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+    evaluate = Evaluator(cfg, frozen, sae)
+    metrics_path = out / "metrics.json"
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False, include_dashboard=False)
+    register_envs()
+    algo = algo_config(cfg, env_config).build_algo()
+    ckpt = out / "checkpoint"
+    try:
+        if (ckpt / "faithlens_state.json").is_file():
+            algo.restore_from_path(str(ckpt))
+            state = json.loads((ckpt / "faithlens_state.json").read_text())
+            before, alpha_scale = state["before"], state["alpha_scale"]
+            engines_call(algo, lambda e: (e.set_alpha_scale(alpha_scale), setattr(e, "steps", state["env_steps"])))
+            print(f"resumed from {ckpt} at {state['env_steps']:,} env steps")
+        else:
+            before, alpha_scale = evaluate(_module(algo).decoder), 1.0
+            state = {"env_steps": 0, "iteration": 0}
+        writer = SummaryWriter(str(out / "tb"))
+        env_steps, iteration = state["env_steps"], state["iteration"]
+        progress = tqdm(total=cfg.steps, initial=env_steps, desc=f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}",
+                        unit="step")
+        t0 = time.perf_counter()
+        while env_steps < cfg.steps:
+            result = algo.train()
+            iteration += 1
+            stats = [s for s in engines_call(algo, lambda e: e.pop_stats()) if s["steps"]]
+            sampled = sum(s["steps"] for s in stats)
+            env_steps += sampled
+            progress.update(sampled)
+            row = {"iteration": iteration, "env_steps": env_steps, **_learner_stats(result)}
+            for key in ("reward", "r_faith", "r_mono", "r_task", "features_needed", "alpha", "beta", "gamma", "phase"):
+                if stats:
+                    row[f"reward/{key}"] = sum(s[key] * s["steps"] for s in stats) / max(1, sampled)
+            row["charts/env_steps_per_s"] = env_steps / (time.perf_counter() - t0)
+            if iteration % cfg.eval_every == 0 or env_steps >= cfg.steps:
+                ev = evaluate(_module(algo).decoder)
+                row.update({f"eval/{k}": v for k, v in ev.items()})
+                if cfg.dynamic and ev["kl"] < cfg.kl_target and alpha_scale == 1.0:
+                    alpha_scale = 0.5
+                    engines_call(algo, lambda e: e.set_alpha_scale(alpha_scale))
+                _save(algo, ckpt, {"before": before, "alpha_scale": alpha_scale, "env_steps": env_steps,
+                                   "iteration": iteration})
+            for key, value in row.items():
+                if key not in ("iteration", "env_steps"):
+                    writer.add_scalar(key, value, env_steps)
+            writer.flush()
+            history.append(row)
+            write_json_atomic(out / "history.json", history)
+        progress.close()
+        after = evaluate(_module(algo).decoder)
+        _module(algo).export(out / "decoder", extra={"ppo": {"steps": env_steps, "random_reward": cfg.random_reward,
+                                                              "env": cfg.env, "phases": cfg.phases}})
+        writer.close()
+    finally:
+        algo.stop()
+        if started_here:
+            ray.shutdown()
+    rewards = [r for r in history if "reward/reward" in r]
+    mean = {k: sum(r[f"reward/{k}"] for r in rewards) / max(1, len(rewards)) for k in ("reward", "r_faith", "r_mono", "r_task")}
+    metrics = {"before": before, "after": after, "mean_rewards": mean, "env_steps": env_steps, "iterations": iteration,
+               "random_reward": cfg.random_reward, "env": cfg.env, "decoder": str(out / "decoder"),
+               **{k: after[k] for k in ("kl", "top1") }, "task_acc": after.get("task_acc")}
+    write_json_atomic(metrics_path, metrics)
+    _print_summary(metrics, out)
+    return metrics
+
+
+def _module(algo):
+    """The env runner's copy of the policy (weights synced after every training step)."""
+    return algo.get_module()
+
+
+def _save(algo, ckpt: Path, state: dict) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    algo.save_to_path(str(tmp))
+    (tmp / "faithlens_state.json").write_text(json.dumps(state))
+    old = ckpt.with_name(ckpt.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _print_summary(metrics: dict, out: Path) -> None:
+    b, a = metrics["before"], metrics["after"]
+    print(f"held-out KL {b['kl']:.3f} → {a['kl']:.3f} nats/token, top-1 {b['top1']:.1%} → {a['top1']:.1%}"
+          + (f", task accuracy {b['task_acc']:.1%} → {a['task_acc']:.1%}" if "task_acc" in a else ""))
+    m = metrics["mean_rewards"]
+    print(f"mean rewards: total {m['reward']:.3f}, r_faith {m['r_faith']:.3f}, r_mono {m['r_mono']:.3f}, r_task {m['r_task']:.3f}"
+          + (" (the reward was replaced by noise)" if metrics["random_reward"] else ""))
+    print(f"wrote {out / 'metrics.json'}, the policy as a decoder in {out / 'decoder'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+def run_ppo_export(cfg: PpoExportConfig) -> Path:
+    from models.decoder import read_decoder_meta
+
+    run = Path(cfg.run)
+    if cfg.which == "final":
+        src = run / "decoder"
+        read_decoder_meta(src)  # refuses a folder without a decoder
+        dest = Path(cfg.dest)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    else:
+        ckpt = run / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy"
+        if not ckpt.is_dir():
+            raise ConfigError(f"{run}: no RLlib checkpoint (expected {ckpt})")
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        module = RLModule.from_checkpoint(str(ckpt))
+        module.export(Path(cfg.dest), extra={"ppo": {"from_checkpoint": str(ckpt)}})
+    print(f"decoder written to {cfg.dest} (faithlens decoder eval {cfg.dest} ... reads it)")
+    return Path(cfg.dest)

@@ -1,0 +1,108 @@
+"""The multi-objective reward (ARCHITECTURE.md, "RL formulation") and its phase schedules.
+
+reward = α·r_faith + β·r_mono + γ·r_task, for a batch of sub-environment steps at once:
+- r_faith = log p_frozen(a) (nats). With an entropy bonus of α its expectation is −α·KL(π ‖ p_frozen).
+- r_mono = share of the chosen token's positive direct attribution carried by the top-m features,
+  attribution_i = f_i · (d_i ⊙ g)·u_a (feature activation × SAE decoder direction through the frozen
+  final-norm gain · the token's unembedding row; the norm's positive per-position scale cancels in
+  the share). It depends on the action, so the policy can change it.
+- r_task = 1 if the action equals the reference token (the data's next token, or the frozen argmax),
+  or, in the generation environment, if the final answer is right (paid at the end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.errors import ConfigError
+
+DEFAULT_PHASES = "2:0.5/0.3/0.2,6:0.4/0.3/0.3,2:0.3/0.2/0.5"
+"""The original design's three phases: (α, β, γ) with step counts in the ratio 2:6:2."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    fraction: float
+    alpha: float
+    beta: float
+    gamma: float
+
+
+def parse_phases(text: str, flag: str = "--phases") -> list[Phase]:
+    """'2:0.5/0.3/0.2,6:...' → phases whose fractions sum to 1 (RATIO:ALPHA/BETA/GAMMA, comma-separated)."""
+    phases = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            ratio, weights = part.split(":")
+            alpha, beta, gamma = (float(w) for w in weights.split("/"))
+            phases.append((float(ratio), alpha, beta, gamma))
+        except ValueError:
+            raise ConfigError(f"{flag}: expected RATIO:ALPHA/BETA/GAMMA phases separated by commas, got {part!r}") from None
+        if phases[-1][0] <= 0 or min(phases[-1][1:]) < 0:
+            raise ConfigError(f"{flag}: ratios must be > 0 and weights >= 0, got {part!r}")
+    if not phases:
+        raise ConfigError(f"{flag}: no phase given")
+    total = sum(p[0] for p in phases)
+    return [Phase(r / total, a, b, g) for r, a, b, g in phases]
+
+
+@dataclass
+class RewardSchedule:
+    """Weights at a given env step, with the design's dynamic adjustments applied on top."""
+
+    phases: list[Phase]
+    total_steps: int
+    alpha_scale: float = 1.0
+    """Multiplies α; the trainer lowers it once held-out KL < the faithfulness target."""
+    beta_scale: float = 1.0
+    """Multiplies β; raised while explanations need too many features."""
+    history: list[dict] = field(default_factory=list)
+
+    def weights(self, step: int) -> tuple[float, float, float]:
+        frac, edge = step / max(1, self.total_steps), 0.0
+        phase = self.phases[-1]
+        for p in self.phases:
+            edge += p.fraction
+            if frac < edge:
+                phase = p
+                break
+        return phase.alpha * self.alpha_scale, phase.beta * self.beta_scale, phase.gamma
+
+    def phase_index(self, step: int) -> int:
+        frac, edge = step / max(1, self.total_steps), 0.0
+        for i, p in enumerate(self.phases):
+            edge += p.fraction
+            if frac < edge:
+                return i
+        return len(self.phases) - 1
+
+
+def token_logp(actions_N: Tensor, topk_ids_NK: Tensor, topk_logp_NK: Tensor, rest_logmass_N: Tensor, vocab: int) -> Tensor:
+    """log p_frozen(a) from top-k targets; a token outside the top k gets an equal share of the rest mass."""
+    hit = topk_ids_NK.long() == actions_N.long()[:, None]
+    inside = (topk_logp_NK.float() * hit).sum(-1)
+    outside = rest_logmass_N.float() - torch.log(torch.tensor(float(vocab - topk_ids_NK.shape[-1])))
+    return torch.where(hit.any(-1), inside, outside)
+
+
+def direct_attribution(actions_N: Tensor, indices_NK: Tensor, values_NK: Tensor, W_dec_FD: Tensor,
+                       norm_gain_D: Tensor, unembed_VD: Tensor) -> Tensor:
+    """attribution[n, k] = values[n, k] · (W_dec[indices[n, k]] ⊙ g) · U[actions[n]]."""
+    u_ND = unembed_VD[actions_N.long()].float() * norm_gain_D.float()
+    rows_NKD = W_dec_FD[indices_NK.long()].float()
+    return values_NK.float() * torch.einsum("nkd,nd->nk", rows_NKD, u_ND)
+
+
+def mono_share(attr_NK: Tensor, top_m: int) -> tuple[Tensor, Tensor]:
+    """(share of positive attribution in the top-m features, features needed for half of it), per step."""
+    pos = attr_NK.clamp_min(0)
+    total = pos.sum(-1)
+    ranked = pos.sort(-1, descending=True).values
+    top = ranked[:, :top_m].sum(-1)
+    share = torch.where(total > 0, top / total.clamp_min(1e-12), torch.zeros_like(total))
+    cum = ranked.cumsum(-1)
+    needed = (cum < 0.5 * total[:, None]).sum(-1) + 1
+    return share, torch.where(total > 0, needed, torch.zeros_like(needed)).float()
