@@ -113,8 +113,12 @@ class Engine:
     # -- the batched protocol --------------------------------------------------------------
     def reset_all(self, seed: int | None = None) -> dict:
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.reseed(seed)
         return self.reset_rows(np.arange(self.num_envs))
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.noise = torch.Generator().manual_seed(seed + 17)
 
     def reset_rows(self, rows: np.ndarray) -> dict:
         raise NotImplementedError

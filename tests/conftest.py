@@ -80,3 +80,28 @@ def embedded_frozen():
     from models import ModelConfig, load_frozen
 
     return load_frozen(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama whose next-token distributions are peaked (a random init is near uniform: KL ~ 0)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("sharp"))
+    weights = load_file(str(directory / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 40
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def save_random_sae(frozen, directory: Path, layer: int = 2, latents: int = 64, k: int = 8) -> Path:
+    """A random TopK SAE for `frozen`, saved with its layer (enough for decoder and RL plumbing tests)."""
+    import torch
+
+    from sae.config import SaeConfig
+    from sae.model import SparseAutoencoder
+
+    sae = SparseAutoencoder(SaeConfig(d_in=frozen.d_model, num_latents=latents, arch="topk", k=k))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.save(directory, extra={"layer": layer, "model": str(frozen.name)})
+    return directory

@@ -130,27 +130,10 @@ def test_topk_kl_is_a_lower_bound_and_exact_with_the_whole_vocabulary():
     torch.testing.assert_close(full, exact, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def sharp_model_dir(tmp_path_factory):
-    """A tiny Llama whose next-token distributions are peaked (a random init is near uniform: KL ~ 0)."""
-    from tests.conftest import build_tiny_model
-    from safetensors.torch import load_file, save_file
-
-    directory = build_tiny_model(tmp_path_factory.mktemp("sharp"))
-    weights = load_file(str(directory / "model.safetensors"))
-    weights["lm_head.weight"] = weights["lm_head.weight"] * 40
-    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
-
-
 def _tiny_sae(frozen, tmp_path, layer=2):
-    from sae.config import SaeConfig
-    from sae.model import SparseAutoencoder
+    from tests.conftest import save_random_sae
 
-    sae = SparseAutoencoder(SaeConfig(d_in=frozen.d_model, num_latents=64, arch="topk", k=8))
-    sae.init_weights(torch.Generator().manual_seed(0))
-    sae.save(tmp_path / "sae", extra={"layer": layer, "model": str(frozen.name)})
-    return tmp_path / "sae"
+    return save_random_sae(frozen, tmp_path / "sae", layer)
 
 
 @pytest.mark.parametrize("arch", ["readout", "context"])

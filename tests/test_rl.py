@@ -1,0 +1,176 @@
+"""Environments, reward components, schedules, the RLModule and PPO trials on a tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from rl_env.config import EnvConfig
+from rl_env.reward import RewardSchedule, mono_share, parse_phases, token_logp
+from tests.conftest import save_random_sae
+
+
+@pytest.fixture(scope="module")
+def rl_setup(sharp_model_dir, tmp_path_factory):
+    """Sharp tiny model, a random SAE at layer 2, a teacher cache, and an (undistilled) readout decoder."""
+    from distill.config import TrainLoopConfig
+    from distill.job import teacher_cache
+    from distill.student import build_student_decoder
+    from models import ModelConfig, load_frozen
+    from sae.model import SparseAutoencoder
+
+    root = tmp_path_factory.mktemp("rl")
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    sae_dir = save_random_sae(frozen, root / "sae")
+    cache = teacher_cache(TrainLoopConfig(model=str(sharp_model_dir), dtype="fp32", data="builtin:tasks", tokens=6000,
+                                          seq_len=64, cache_dir=root / "cache"), frozen, 2)
+    decoder = build_student_decoder("readout", SparseAutoencoder.load(sae_dir), frozen, 2)
+    decoder.save(root / "dec" / "decoder", extra={"layer": 2, "model": str(sharp_model_dir), "sae": str(sae_dir),
+                                                  "data": "builtin:tasks"})
+    return {"frozen": frozen, "sae": str(sae_dir), "cache": str(cache.root), "decoder": root / "dec", "root": root,
+            "model": str(sharp_model_dir)}
+
+
+def _env_cfg(s, **kw):
+    return EnvConfig(**{"model": s["model"], "dtype": "fp32", "layer": 2, "sae": s["sae"], "cache": s["cache"],
+                        "window": 4, "context": 2, "max_new_tokens": 4, **kw})
+
+
+@pytest.mark.parametrize("kind", ["token", "generation"])
+def test_check_env_passes(kind, rl_setup):
+    from rl_env.generation_env import make_generation_env
+    from rl_env.token_env import make_token_env
+
+    make = make_token_env if kind == "token" else make_generation_env
+    env = make(_env_cfg(rl_setup, env=kind), frozen=rl_setup["frozen"])
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    assert obs["indices"].shape == (3, 8) and obs["values"].dtype == np.float32
+    _, reward, _, _, info = env.step(5)
+    assert {"r_faith", "r_mono", "r_task", "alpha", "beta", "gamma"} <= set(info)
+    expected = info["alpha"] * info["r_faith"] + info["beta"] * info["r_mono"] + info["gamma"] * info["r_task"]
+    assert reward == pytest.approx(expected, rel=1e-5)
+
+
+def test_vector_env_autoresets_on_the_step_after_an_episode_ends(rl_setup):
+    from rl_env.token_env import make_token_vec_env
+
+    env = make_token_vec_env(_env_cfg(rl_setup), num_envs=3, frozen=rl_setup["frozen"])
+    obs, _ = env.reset(seed=1)
+    assert obs["indices"].shape == (3, 3, 8)
+    for _ in range(3):
+        _, rewards, terminated, _, _ = env.step(np.array([1, 2, 3]))
+        assert not terminated.any() and (rewards != 0).all()
+    _, _, terminated, _, _ = env.step(np.array([1, 2, 3]))  # window of 4 positions
+    assert terminated.all()
+    _, rewards, terminated, _, _ = env.step(np.array([1, 2, 3]))  # the reset step: action ignored
+    assert (rewards == 0).all() and not terminated.any()
+    stats = env.engine.pop_stats()
+    assert stats["steps"] == 12 and stats["phase"] == 0
+
+
+def test_generation_env_batched_cache_matches_a_full_forward(rl_setup):
+    from rl_env.generation_env import GenerationEngine
+
+    frozen = rl_setup["frozen"]
+    engine = GenerationEngine(_env_cfg(rl_setup, env="generation", max_new_tokens=6), 3, frozen=frozen)
+    engine.reset_all(seed=0)
+    prompts = [[frozen.bos_token_id, *frozen.tokenizer(e.prompt_text(), add_special_tokens=False)["input_ids"]]
+               for e in engine.examples]
+    actions = np.array([7, 8, 9])
+    engine.step(actions)
+    engine.step(actions + 1)
+    for r, prompt in enumerate(prompts):
+        full = torch.tensor([prompt + [int(actions[r]), int(actions[r]) + 1]])
+        logits, _ = frozen.forward(full)
+        torch.testing.assert_close(engine.logp[r], logits[0, -1].float().log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_reward_components_on_hand_computed_cases():
+    ids = torch.tensor([[4, 2, 9]])
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.1]]))
+    rest = torch.log(torch.tensor([0.2]))
+    assert token_logp(torch.tensor([2]), ids, logp, rest, vocab=13).item() == pytest.approx(math.log(0.2))
+    # outside the top 3: the rest mass 0.2 shared by the other 10 tokens
+    assert token_logp(torch.tensor([5]), ids, logp, rest, vocab=13).item() == pytest.approx(math.log(0.02))
+    share, needed = mono_share(torch.tensor([[3.0, -1.0, 1.0, 0.0, 1.0]]), top_m=1)
+    assert share.item() == pytest.approx(3 / 5) and needed.item() == 1  # 3 of 5 positive units; 3 ≥ half
+    share, _ = mono_share(torch.tensor([[-1.0, 0.0]]), top_m=1)
+    assert share.item() == 0.0
+
+
+def test_default_schedule_is_the_designs_three_phases():
+    phases = parse_phases("2:0.5/0.3/0.2,6:0.4/0.3/0.3,2:0.3/0.2/0.5")
+    schedule = RewardSchedule(phases, total_steps=1000)
+    assert schedule.weights(0) == (0.5, 0.3, 0.2) and schedule.weights(199) == (0.5, 0.3, 0.2)
+    assert schedule.weights(200) == (0.4, 0.3, 0.3) and schedule.weights(799) == (0.4, 0.3, 0.3)
+    assert schedule.weights(800) == (0.3, 0.2, 0.5)
+    schedule.alpha_scale, schedule.beta_scale = 0.5, 2.0
+    assert schedule.weights(0) == (0.25, 0.6, 0.2)
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="RATIO:ALPHA/BETA/GAMMA"):
+        parse_phases("2:0.5/0.3")
+
+
+def _ppo(s, out, *extra):
+    from faithlens_cli import main
+
+    return main(["ppo", "--decoder", str(s["decoder"]), "--env", "token", "--out", str(out), "--dtype", "fp32",
+                 "--cache", s["cache"], "--train-batch", "256", "--minibatch-size", "64", "--num-envs", "8",
+                 "--eval-every", "2", "--eval-tokens", "512", "--task-examples", "4", "--window", "8", "--lr", "1e-3",
+                 "--num-epochs", "4", *extra])
+
+
+def test_ppo_learns_from_the_reward_and_not_from_noise(rl_setup, capsys):
+    root = rl_setup["root"]
+    assert _ppo(rl_setup, root / "ppo", "--steps", "1536", "--phases", "1:1/0/0") == 0
+    assert _ppo(rl_setup, root / "ppo_random", "--steps", "1536", "--phases", "1:1/0/0", "--random-reward") == 0
+    real = json.loads((root / "ppo" / "metrics.json").read_text())
+    noise = json.loads((root / "ppo_random" / "metrics.json").read_text())
+    for m in (real, noise):
+        assert {"kl", "top1", "task_acc", "before", "after", "mean_rewards"} <= set(m)
+        assert set(m["mean_rewards"]) == {"reward", "r_faith", "r_mono", "r_task"}
+    # faithful reward: agreement with the frozen model rises; noise: it does not, and KL does not improve
+    assert real["after"]["top1"] > real["before"]["top1"] + 0.1
+    assert noise["after"]["top1"] < real["after"]["top1"] - 0.1
+    assert noise["after"]["kl"] >= noise["before"]["kl"] - 0.05
+    assert real["mean_rewards"]["r_faith"] > noise["mean_rewards"]["r_faith"]
+    assert list((root / "ppo" / "tb").glob("events.out.tfevents.*"))
+    assert "held-out KL" in capsys.readouterr().out
+
+
+def test_ppo_resumes_and_exports_a_decoder_that_decoder_eval_reads(rl_setup, capsys):
+    from faithlens_cli import main
+
+    root = rl_setup["root"]
+    out = root / "ppo_resume"
+    assert _ppo(rl_setup, out, "--steps", "512") == 0
+    assert _ppo(rl_setup, out, "--steps", "1024") == 0
+    assert "resumed from" in capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())
+    assert [r["iteration"] for r in history] == [1, 2, 3, 4]
+    assert main(["ppo", "export", str(out), str(root / "exported"), "--which", "checkpoint"]) == 0
+    capsys.readouterr()
+    code = main(["decoder", "eval", str(root / "exported"), "--model", rl_setup["model"], "--dtype", "fp32",
+                 "--data", "builtin:tasks", "--tokens", "200", "--seq-len", "32", "--task-examples", "3", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] > 0 and "spliced_sae" in result["baselines"]
+
+
+def test_ppo_config_file_overrides_defaults_and_rejects_unknown_keys(rl_setup, tmp_path):
+    from models.errors import ConfigError
+    from rl_env.ppo import resolve
+    from rl_env.ppo_config import PpoConfig
+
+    (tmp_path / "good.yaml").write_text("lr: 0.002\nphases: '1:1/0/0'\nwindow: 6\n")
+    cfg = resolve(PpoConfig(decoder=rl_setup["decoder"], config=tmp_path / "good.yaml", window=5))
+    assert cfg.lr == 0.002 and cfg.phases == "1:1/0/0" and cfg.window == 5  # the explicit flag wins
+    assert cfg.layer == 2 and cfg.gamma == 0.0 and cfg.sae == rl_setup["sae"]
+    (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown option.*learning_rate"):
+        resolve(PpoConfig(decoder=rl_setup["decoder"], config=tmp_path / "bad.yaml"))
