@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
             "One PPO trial (RLlib) of a distilled decoder against the multi-objective reward."),
     "ppo export": ("rl_env.ppo", "rl_env.ppo_config:PpoExportConfig", "run_ppo_export",
                    "Write a PPO run's policy as a plain decoder checkpoint."),
+    "sweep": ("rl_env.sweep", "rl_env.sweep:SweepConfig", "run_sweep",
+              "A Ray Tune sweep of PPO trials (reward weights, schedules, PPO settings) from a YAML file."),
+    "compare": ("rl_env.sweep", "rl_env.sweep:CompareConfig", "run_compare",
+                "Rank a sweep's trials by their held-out score."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }

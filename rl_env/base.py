@@ -16,9 +16,9 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from models.config import ModelConfig
 from models.head import FrozenHead
 from models.loading import load_frozen
-from models.config import ModelConfig
 from rl_env.config import EnvConfig
 from rl_env.reward import RewardSchedule, direct_attribution, mono_share, parse_phases
 from sae.model import SparseAutoencoder

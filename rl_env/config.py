@@ -87,6 +87,6 @@ class EnvConfig(RewardConfig):
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EnvConfig":
+    def from_dict(cls, data: dict) -> EnvConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import torch
-
 from models.errors import ConfigError
 from models.io import write_json_atomic
 from rl_env.config import EnvConfig
@@ -155,89 +153,141 @@ def _learner_stats(result: dict) -> dict:
     return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
 
 
+SCORE_WEIGHTS = {"kl": -1.0, "top1": 1.0, "task_acc": 1.0}
+"""The fixed-weight held-out score trials are ranked by (reward weights change the return's scale)."""
+
+
+def held_out_score(ev: dict, weights: dict | None = None) -> float:
+    return sum(w * ev.get(k, 0.0) for k, w in (weights or SCORE_WEIGHTS).items())
+
+
+class PpoTrial:
+    """One PPO trial as short named steps, shared by `faithlens ppo` and the Tune trainable."""
+
+    def __init__(self, cfg: PpoConfig, out: Path, score_weights: dict | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        from models.config import ModelConfig
+        from models.loading import load_frozen
+        from sae.model import SparseAutoencoder
+
+        self.cfg, self.out, self.score_weights = cfg, Path(out), score_weights
+        self.out.mkdir(parents=True, exist_ok=True)
+        frozen = load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
+        sae = SparseAutoencoder.load(Path(cfg.sae))
+        cache_root = _token_cache(cfg, frozen) if cfg.env == "token" else ""
+        write_json_atomic(self.out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        self.evaluate = Evaluator(cfg, frozen, sae)
+        register_envs()
+        self.algo = algo_config(cfg, env_config_for(cfg, cache_root)).build_algo()
+        self.writer = SummaryWriter(str(self.out / "tb"))
+        self.history: list[dict] = []
+        self.before: dict | None = None
+        self.alpha_scale, self.env_steps, self.iteration = 1.0, 0, 0
+        self.last_eval: dict = {}
+        self.t0 = time.perf_counter()
+
+    # -- state -------------------------------------------------------------------------------
+    def start(self, resume_from: Path | None = None) -> None:
+        if resume_from is not None and (Path(resume_from) / "faithlens_state.json").is_file():
+            self.algo.restore_from_path(str(resume_from))
+            state = json.loads((Path(resume_from) / "faithlens_state.json").read_text())
+            self.before, self.alpha_scale = state["before"], state["alpha_scale"]
+            self.env_steps, self.iteration, self.last_eval = state["env_steps"], state["iteration"], state["last_eval"]
+            self.history = state["history"]
+            steps = self.env_steps
+            engines_call(self.algo, lambda e: (e.set_alpha_scale(state["alpha_scale"]), setattr(e, "steps", steps)))
+            print(f"resumed from {resume_from} at {self.env_steps:,} env steps")
+            return
+        self.before = self.evaluate(_module(self.algo).decoder)
+        self.last_eval = {**self.before, "score": held_out_score(self.before, self.score_weights)}
+
+    def save(self, directory: Path) -> None:
+        """An RLlib checkpoint plus our counters, written to a sibling and renamed into place."""
+        _save(self.algo, Path(directory), {"before": self.before, "alpha_scale": self.alpha_scale, "env_steps": self.env_steps,
+                                           "iteration": self.iteration, "last_eval": self.last_eval,
+                                           "history": self.history})
+
+    # -- one iteration --------------------------------------------------------------------------
+    def step(self) -> dict:
+        result = self.algo.train()
+        self.iteration += 1
+        stats = [s for s in engines_call(self.algo, lambda e: e.pop_stats()) if s["steps"]]
+        sampled = sum(s["steps"] for s in stats)
+        self.env_steps += sampled
+        row = {"iteration": self.iteration, "env_steps": self.env_steps, **_learner_stats(result)}
+        for key in ("reward", "r_faith", "r_mono", "r_task", "features_needed", "alpha", "beta", "gamma", "phase"):
+            if stats:
+                row[f"reward/{key}"] = sum(s[key] * s["steps"] for s in stats) / max(1, sampled)
+        row["charts/env_steps_per_s"] = self.env_steps / (time.perf_counter() - self.t0)
+        if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps:
+            self._evaluate(row)
+        for key, value in row.items():
+            if key not in ("iteration", "env_steps"):
+                self.writer.add_scalar(key, value, self.env_steps)
+        self.writer.flush()
+        self.history.append(row)
+        return row
+
+    def _evaluate(self, row: dict) -> None:
+        ev = self.evaluate(_module(self.algo).decoder)
+        self.last_eval = {**ev, "score": held_out_score(ev, self.score_weights)}
+        row.update({f"eval/{k}": v for k, v in self.last_eval.items()})
+        if self.cfg.dynamic and ev["kl"] < self.cfg.kl_target and self.alpha_scale == 1.0:
+            self.alpha_scale = 0.5  # the design's dynamic adjustment: faithful enough, shift weight to the rest
+            engines_call(self.algo, lambda e: e.set_alpha_scale(0.5))
+
+    @property
+    def done(self) -> bool:
+        return self.env_steps >= self.cfg.steps
+
+    # -- the end ----------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        after = self.evaluate(_module(self.algo).decoder)
+        _module(self.algo).export(self.out / "decoder", extra={"ppo": {
+            "steps": self.env_steps, "random_reward": self.cfg.random_reward, "env": self.cfg.env, "phases": self.cfg.phases}})
+        rewards = [r for r in self.history if "reward/reward" in r]
+        mean = {k: sum(r[f"reward/{k}"] for r in rewards) / max(1, len(rewards)) for k in ("reward", "r_faith", "r_mono", "r_task")}
+        metrics = {"before": self.before, "after": after, "mean_rewards": mean, "env_steps": self.env_steps,
+                   "iterations": self.iteration, "random_reward": self.cfg.random_reward, "env": self.cfg.env,
+                   "decoder": str(self.out / "decoder"), "kl": after["kl"], "top1": after["top1"],
+                   "task_acc": after.get("task_acc"), "score": held_out_score(after, self.score_weights)}
+        write_json_atomic(self.out / "metrics.json", metrics)
+        write_json_atomic(self.out / "history.json", self.history)
+        return metrics
+
+    def close(self) -> None:
+        self.writer.close()
+        self.algo.stop()
+
+
 def run_ppo(cfg: PpoConfig) -> dict:
     import ray
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
-
-    from models.config import ModelConfig
-    from models.loading import load_frozen
-    from sae.model import SparseAutoencoder
 
     cfg = resolve(cfg)
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    frozen = load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
-    sae = SparseAutoencoder.load(Path(cfg.sae))
-    cache_root = _token_cache(cfg, frozen) if cfg.env == "token" else ""
-    env_config = env_config_for(cfg, cache_root)
-    write_json_atomic(out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-    evaluate = Evaluator(cfg, frozen, sae)
-    metrics_path = out / "metrics.json"
-    history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
-
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False, include_dashboard=False)
-    register_envs()
-    algo = algo_config(cfg, env_config).build_algo()
-    ckpt = out / "checkpoint"
     try:
-        if (ckpt / "faithlens_state.json").is_file():
-            algo.restore_from_path(str(ckpt))
-            state = json.loads((ckpt / "faithlens_state.json").read_text())
-            before, alpha_scale = state["before"], state["alpha_scale"]
-            engines_call(algo, lambda e: (e.set_alpha_scale(alpha_scale), setattr(e, "steps", state["env_steps"])))
-            print(f"resumed from {ckpt} at {state['env_steps']:,} env steps")
-        else:
-            before, alpha_scale = evaluate(_module(algo).decoder), 1.0
-            state = {"env_steps": 0, "iteration": 0}
-        writer = SummaryWriter(str(out / "tb"))
-        env_steps, iteration = state["env_steps"], state["iteration"]
-        progress = tqdm(total=cfg.steps, initial=env_steps, desc=f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}",
-                        unit="step")
-        t0 = time.perf_counter()
-        while env_steps < cfg.steps:
-            result = algo.train()
-            iteration += 1
-            stats = [s for s in engines_call(algo, lambda e: e.pop_stats()) if s["steps"]]
-            sampled = sum(s["steps"] for s in stats)
-            env_steps += sampled
-            progress.update(sampled)
-            row = {"iteration": iteration, "env_steps": env_steps, **_learner_stats(result)}
-            for key in ("reward", "r_faith", "r_mono", "r_task", "features_needed", "alpha", "beta", "gamma", "phase"):
-                if stats:
-                    row[f"reward/{key}"] = sum(s[key] * s["steps"] for s in stats) / max(1, sampled)
-            row["charts/env_steps_per_s"] = env_steps / (time.perf_counter() - t0)
-            if iteration % cfg.eval_every == 0 or env_steps >= cfg.steps:
-                ev = evaluate(_module(algo).decoder)
-                row.update({f"eval/{k}": v for k, v in ev.items()})
-                if cfg.dynamic and ev["kl"] < cfg.kl_target and alpha_scale == 1.0:
-                    alpha_scale = 0.5
-                    engines_call(algo, lambda e: e.set_alpha_scale(alpha_scale))
-                _save(algo, ckpt, {"before": before, "alpha_scale": alpha_scale, "env_steps": env_steps,
-                                   "iteration": iteration})
-            for key, value in row.items():
-                if key not in ("iteration", "env_steps"):
-                    writer.add_scalar(key, value, env_steps)
-            writer.flush()
-            history.append(row)
-            write_json_atomic(out / "history.json", history)
-        progress.close()
-        after = evaluate(_module(algo).decoder)
-        _module(algo).export(out / "decoder", extra={"ppo": {"steps": env_steps, "random_reward": cfg.random_reward,
-                                                              "env": cfg.env, "phases": cfg.phases}})
-        writer.close()
+        trial = PpoTrial(cfg, out)
+        try:
+            trial.start(resume_from=out / "checkpoint")
+            label = f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}"
+            with tqdm(total=cfg.steps, initial=min(trial.env_steps, cfg.steps), desc=label, unit="step") as progress:
+                while not trial.done:
+                    row = trial.step()
+                    progress.update(min(row["env_steps"], cfg.steps) - progress.n)
+                    if "eval/kl" in row:
+                        trial.save(out / "checkpoint")
+                        write_json_atomic(out / "history.json", trial.history)
+            metrics = trial.finish()
+        finally:
+            trial.close()
     finally:
-        algo.stop()
         if started_here:
             ray.shutdown()
-    rewards = [r for r in history if "reward/reward" in r]
-    mean = {k: sum(r[f"reward/{k}"] for r in rewards) / max(1, len(rewards)) for k in ("reward", "r_faith", "r_mono", "r_task")}
-    metrics = {"before": before, "after": after, "mean_rewards": mean, "env_steps": env_steps, "iterations": iteration,
-               "random_reward": cfg.random_reward, "env": cfg.env, "decoder": str(out / "decoder"),
-               **{k: after[k] for k in ("kl", "top1") }, "task_acc": after.get("task_acc")}
-    write_json_atomic(metrics_path, metrics)
     _print_summary(metrics, out)
     return metrics
 

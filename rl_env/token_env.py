@@ -65,7 +65,7 @@ class TokenEngine(Engine):
         info: dict = {}
         if len(live):
             pos = self.pos[live]
-            pick = lambda key: torch.stack([torch.as_tensor(self.rows[r][key][p]) for r, p in zip(live, pos)])  # noqa: E731
+            pick = lambda key: torch.stack([torch.as_tensor(self.rows[r][key][p]) for r, p in zip(live, pos)])
             top_ids, top_logp, rest = pick("teacher.topk_ids"), pick("teacher.topk_logp"), pick("teacher.rest_logmass")
             a = torch.as_tensor(actions[live])
             logp = token_logp(a, top_ids, top_logp, rest, self.vocab)
