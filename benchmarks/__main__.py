@@ -50,7 +50,16 @@ class BenchConfig:
     sae: str = ""
     """An SAE folder for the distillation benchmark (default: a random TopK SAE of --latents/--k)."""
 
-    stages: str = "foundation,sae,distill"
+    decoder: str = ""
+    """A decoder run for the RL benchmark (default: a readout decoder on a random SAE)."""
+
+    ppo_iterations: int = 2
+    """Timed PPO iterations in the RL benchmark."""
+
+    ppo_batch: int = 1024
+    """Env steps per PPO iteration in the RL benchmark."""
+
+    stages: str = "foundation,sae,distill,rl"
     """Comma-separated stages to benchmark."""
 
     json: bool = False
@@ -74,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
 
         results["distill"] = bench_distill(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.distill_steps,
                                            cfg.batch, cfg.sae)
+    if "rl" in stages:
+        from benchmarks.rl import bench_rl
+
+        results["rl"] = bench_rl(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.decoder, cfg.ppo_iterations,
+                                 cfg.ppo_batch, cfg.batch)
     if cfg.json:
         print(json.dumps(results))
         return

@@ -7,17 +7,18 @@ cache of builtin:tasks; the SAE is a random TopK one of the given width unless -
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._spawn import in_child
+
 STUDENTS = ("linear", "readout", "context", "lens")
 
 
 def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, steps: int, batch_sequences: int,
-           cache_root: str, sae_dir: str, out: str, queue) -> None:
+           cache_root: str, sae_dir: str, out: str) -> dict:
     import torch
 
     from corpus.cache import ActivationCache
@@ -44,8 +45,8 @@ def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, 
         trainer._train_step(next(batches))
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    queue.put({"tok_s": steps * trainer.tokens_per_step / seconds, "trainable_params": params,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return {"tok_s": steps * trainer.tokens_per_step / seconds, "trainable_params": params,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def bench_distill(model: str, layer: int, latents: int, k: int, dtype: str, steps: int = 4, batch_sequences: int = 8,
@@ -69,14 +70,9 @@ def bench_distill(model: str, layer: int, latents: int, k: int, dtype: str, step
             sae_dir = str(Path(tmp) / "sae")
             random_sae.save(Path(sae_dir), extra={"layer": layer})
         del frozen
-        ctx = mp.get_context("spawn")
         for kind in STUDENTS:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(kind, model, dtype, layer, latents, k, steps, batch_sequences,
-                                                    str(cache.root), sae_dir, tmp, queue))
-            proc.start()
-            figures = queue.get()
-            proc.join()
+            figures = in_child(_child, kind, model, dtype, layer, latents, k, steps, batch_sequences, str(cache.root),
+                               sae_dir, tmp)
             for key, value in figures.items():
                 results[f"{kind}_{key}"] = value
     results["tokens_per_step"] = batch_sequences * 255

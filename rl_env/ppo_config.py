@@ -71,6 +71,8 @@ class PpoConfig(EnvConfig):
         super().__post_init__()
         if self.steps < 1 or self.train_batch < 1 or self.minibatch_size < 1:
             raise ConfigError("--steps, --train-batch and --minibatch-size must be positive")
+        if self.minibatch_size > self.train_batch:
+            raise ConfigError(f"--minibatch-size {self.minibatch_size} must be at most --train-batch {self.train_batch}")
         if self.num_envs < 1:
             raise ConfigError(f"--num-envs: expected at least 1, got {self.num_envs}")
 

@@ -6,6 +6,7 @@ from benchmarks.__main__ import main
 def test_benchmark_command_runs_on_a_tiny_model(tiny_model_dir, capsys):
     main(["--model", str(tiny_model_dir), "--dtype", "fp32", "--layer", "2", "--batch", "2", "--seq-len", "32",
           "--repeats", "1", "--cache-tokens", "256", "--sae-tokens", "2048", "--latents", "64", "--k", "4", "--distill-steps", "1",
+          "--ppo-iterations", "1", "--ppo-batch", "64",
           "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     f = result["foundation"]
@@ -16,3 +17,6 @@ def test_benchmark_command_runs_on_a_tiny_model(tiny_model_dir, capsys):
     d = result["distill"]
     for student in ("linear", "readout", "context", "lens"):
         assert d[f"{student}_tok_s"] > 0 and d[f"{student}_peak_rss_mb"] > 0 and d[f"{student}_trainable_params"] > 0
+    r = result["rl"]
+    assert r["token_env_steps_per_s"] > 0 and r["generation_env_steps_per_s"] > 0
+    assert r["ppo_iteration_s"] > 0 and r["peak_rss_mb"] > 0

@@ -1,0 +1,82 @@
+"""Environment steps/s (token and generation, natively batched) and PPO iteration time + peak RSS.
+
+Runs in a spawned process so the peak RSS is the RL stage's own. Without --decoder, the policy is a
+readout decoder initialised from a random TopK SAE of the given width (the costs do not depend on
+its training); the token environment reads a small builtin:tasks teacher cache.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._spawn import in_child
+
+
+def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: str, iterations: int, train_batch: int,
+           num_envs: int, root: str) -> dict:
+    import numpy as np
+    import ray
+
+    from distill.config import TrainLoopConfig
+    from distill.job import teacher_cache
+    from distill.student import build_student_decoder
+    from models.loading import load_frozen
+    from rl_env.config import EnvConfig
+    from rl_env.generation_env import make_generation_vec_env
+    from rl_env.ppo import PpoTrial, resolve
+    from rl_env.ppo_config import PpoConfig
+    from rl_env.token_env import make_token_vec_env
+    from sae.config import SaeConfig
+    from sae.model import SparseAutoencoder
+
+    root_p = Path(root)
+    frozen = load_frozen(TrainLoopConfig(model=model, dtype=dtype))
+    cache = teacher_cache(TrainLoopConfig(model=model, dtype=dtype, data="builtin:tasks", tokens=16_384,
+                                          cache_dir=root_p / "cache"), frozen, layer)
+    if not decoder:
+        sae = SparseAutoencoder(SaeConfig(d_in=frozen.d_model, num_latents=latents, arch="topk", k=k))
+        sae.init_weights()
+        sae.save(root_p / "sae", extra={"layer": layer})
+        dec = build_student_decoder("readout", SparseAutoencoder.load(root_p / "sae"), frozen, layer)
+        dec.save(root_p / "decoder" / "decoder", extra={"layer": layer, "model": model, "sae": str(root_p / "sae"),
+                                                        "data": "builtin:tasks"})
+        decoder = str(root_p / "decoder")
+    cfg = resolve(PpoConfig(decoder=Path(decoder), dtype=dtype, cache=str(cache.root), steps=iterations * train_batch,
+                            train_batch=train_batch, minibatch_size=min(256, train_batch), num_envs=num_envs, eval_every=10**6, eval_tokens=256,
+                            task_examples=2, out=root_p / "ppo"))
+    results = {}
+    env_cfg = EnvConfig.from_dict({**cfg.__dict__, "cache": str(cache.root)})
+    rng = np.random.default_rng(0)
+    for kind, make in (("token", make_token_vec_env), ("generation", make_generation_vec_env)):
+        env = make(EnvConfig.from_dict({**env_cfg.__dict__, "env": kind}), num_envs, frozen=frozen)
+        env.reset(seed=0)
+        steps = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 5:
+            env.step(rng.integers(0, frozen.vocab_size, num_envs))
+            steps += num_envs
+        results[f"{kind}_env_steps_per_s"] = steps / (time.perf_counter() - t0)
+    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    trial = PpoTrial(cfg, root_p / "ppo")
+    trial.before = {}
+    trial.last_eval = {"kl": 0.0, "top1": 0.0, "score": 0.0}
+    trial.step()  # warm-up iteration (allocations)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        trial.step()
+    results["ppo_iteration_s"] = (time.perf_counter() - t0) / iterations
+    results["ppo_env_steps_per_s"] = iterations * train_batch / (time.perf_counter() - t0)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    trial.close()
+    ray.shutdown()
+    results.update(train_batch=train_batch, num_envs=num_envs)
+    return results
+
+
+def bench_rl(model: str, layer: int, latents: int, k: int, dtype: str, decoder: str = "", iterations: int = 2,
+             train_batch: int = 1024, num_envs: int = 8) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return in_child(_child, model, dtype, layer, latents, k, decoder, iterations, train_batch, num_envs, tmp)
