@@ -168,7 +168,7 @@ class DistillTrainer:
         return loss.item(), top1
 
     def _log(self, loss: float, top1: float, tokens_per_s: float) -> None:
-        metrics = {f"distill/{'kl_topk' if self.cfg.loss == 'kl' else 'ce_argmax'}": loss, "distill/top1": top1,
+        metrics = {f"distill/{'kl' if self.cfg.loss == 'kl' else 'ce_argmax'}": loss, "distill/top1": top1,
                    "distill/lr": self.opt.param_groups[0]["lr"], "charts/tokens_per_s": tokens_per_s}
         self.last_metrics = metrics
         if self.reporter is not None:
