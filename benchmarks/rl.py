@@ -25,10 +25,10 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     from distill.student import build_student_decoder
     from models.loading import load_frozen
     from rl_env.config import EnvConfig
-    from rl_env.generation_env import make_generation_vec_env
+    from rl_env.generation_env import make_generation_env, make_generation_vec_env
     from rl_env.ppo import PpoTrial, resolve
     from rl_env.ppo_config import PpoConfig
-    from rl_env.token_env import make_token_vec_env
+    from rl_env.token_env import make_token_env, make_token_vec_env
     from sae.config import SaeConfig
     from sae.model import SparseAutoencoder
 
@@ -50,15 +50,26 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     results = {}
     env_cfg = EnvConfig.from_dict({**cfg.__dict__, "cache": str(cache.root)})
     rng = np.random.default_rng(0)
-    for kind, make in (("token", make_token_vec_env), ("generation", make_generation_vec_env)):
-        env = make(EnvConfig.from_dict({**env_cfg.__dict__, "env": kind}), num_envs, frozen=frozen)
+    for kind, make_vec, make_one in (("token", make_token_vec_env, make_token_env),
+                                     ("generation", make_generation_vec_env, make_generation_env)):
+        kind_cfg = EnvConfig.from_dict({**env_cfg.__dict__, "env": kind})
+        env = make_vec(kind_cfg, num_envs, frozen=frozen)
         env.reset(seed=0)
-        steps = 0
-        t0 = time.perf_counter()
+        steps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 5:
             env.step(rng.integers(0, frozen.vocab_size, num_envs))
             steps += num_envs
-        results[f"{kind}_env_steps_per_s"] = steps / (time.perf_counter() - t0)
+        results[f"{kind}_env_steps_per_s_batched"] = steps / (time.perf_counter() - t0)
+        single = make_one(kind_cfg, frozen=frozen)  # one sub-environment per call: the unbatched baseline
+        single.reset(seed=0)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 5:
+            _, _, terminated, truncated, _ = single.step(int(rng.integers(0, frozen.vocab_size)))
+            steps += 1
+            if terminated or truncated:
+                single.reset()
+        results[f"{kind}_env_steps_per_s_one_at_a_time"] = steps / (time.perf_counter() - t0)
+        results[f"{kind}_batching_speedup"] = results[f"{kind}_env_steps_per_s_batched"] / results[f"{kind}_env_steps_per_s_one_at_a_time"]
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
     trial = PpoTrial(cfg, root_p / "ppo")
     trial.before = {}

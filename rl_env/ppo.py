@@ -220,10 +220,14 @@ class PpoTrial:
             if stats:
                 row[f"reward/{key}"] = sum(s[key] * s["steps"] for s in stats) / max(1, sampled)
         row["charts/env_steps_per_s"] = self.env_steps / (time.perf_counter() - self.t0)
-        if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps:
+        phase = int(round(row.get("reward/phase", 0)))
+        previous = int(round(self.history[-1].get("reward/phase", phase))) if self.history else phase
+        if phase != previous:
+            row["phase_ended"] = previous  # this evaluation closes the previous phase
+        if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps or phase != previous:
             self._evaluate(row)
         for key, value in row.items():
-            if key not in ("iteration", "env_steps"):
+            if key not in ("iteration", "env_steps", "phase_ended"):
                 self.writer.add_scalar(key, value, self.env_steps)
         self.writer.flush()
         self.history.append(row)
@@ -252,6 +256,7 @@ class PpoTrial:
                    "iterations": self.iteration, "random_reward": self.cfg.random_reward, "env": self.cfg.env,
                    "decoder": str(self.out / "decoder"), "kl": after["kl"], "top1": after["top1"],
                    "task_acc": after.get("task_acc"), "score": held_out_score(after, self.score_weights)}
+        metrics["per_phase"] = per_phase(self.history, after)
         write_json_atomic(self.out / "metrics.json", metrics)
         write_json_atomic(self.out / "history.json", self.history)
         return metrics
@@ -259,6 +264,30 @@ class PpoTrial:
     def close(self) -> None:
         self.writer.close()
         self.algo.stop()
+
+
+def per_phase(history: list[dict], after: dict) -> list[dict]:
+    """For each reward phase: its weights, env steps, mean reward components and the held-out figures at its end."""
+    phases: dict[int, dict] = {}
+    for row in history:
+        if "reward/phase" not in row:
+            continue
+        p = int(round(row["reward/phase"]))
+        entry = phases.setdefault(p, {"phase": p, "rows": [], "end": None})
+        entry["rows"].append(row)
+        if "eval/kl" in row and "phase_ended" not in row:
+            entry["end"] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+        if "phase_ended" in row and row["phase_ended"] in phases:
+            phases[row["phase_ended"]]["end"] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
+    out = []
+    for p in sorted(phases):
+        rows = phases[p]["rows"]
+        mean = {k: sum(r[f"reward/{k}"] for r in rows) / len(rows) for k in ("reward", "r_faith", "r_mono", "r_task")}
+        weights = {k: rows[-1][f"reward/{k}"] for k in ("alpha", "beta", "gamma")}
+        end = phases[p]["end"] if phases[p]["end"] is not None or p != max(phases) else None
+        out.append({"phase": p, "env_steps": [rows[0]["env_steps"], rows[-1]["env_steps"]], "weights": weights,
+                    "mean_rewards": mean, "end": end if end is not None else after})
+    return out
 
 
 def run_ppo(cfg: PpoConfig) -> dict:
@@ -314,6 +343,12 @@ def _print_summary(metrics: dict, out: Path) -> None:
     b, a = metrics["before"], metrics["after"]
     print(f"held-out KL {b['kl']:.3f} → {a['kl']:.3f} nats/token, top-1 {b['top1']:.1%} → {a['top1']:.1%}"
           + (f", task accuracy {b['task_acc']:.1%} → {a['task_acc']:.1%}" if "task_acc" in a else ""))
+    for ph in metrics.get("per_phase", []):
+        end = ph["end"] or {}
+        w = ph["weights"]
+        print(f"  phase {ph['phase']} (α {w['alpha']:.2f}, β {w['beta']:.2f}, γ {w['gamma']:.2f}; env steps "
+              f"{ph['env_steps'][0]:,}–{ph['env_steps'][1]:,}): at its end KL {end.get('kl', float('nan')):.3f}, top-1 "
+              f"{end.get('top1', float('nan')):.1%}, task {end.get('task_acc', float('nan')):.1%}; mean reward {ph['mean_rewards']['reward']:.3f}")
     m = metrics["mean_rewards"]
     print(f"mean rewards: total {m['reward']:.3f}, r_faith {m['r_faith']:.3f}, r_mono {m['r_mono']:.3f}, r_task {m['r_task']:.3f}"
           + (" (the reward was replaced by noise)" if metrics["random_reward"] else ""))

@@ -18,5 +18,6 @@ def test_benchmark_command_runs_on_a_tiny_model(tiny_model_dir, capsys):
     for student in ("linear", "readout", "context", "lens"):
         assert d[f"{student}_tok_s"] > 0 and d[f"{student}_peak_rss_mb"] > 0 and d[f"{student}_trainable_params"] > 0
     r = result["rl"]
-    assert r["token_env_steps_per_s"] > 0 and r["generation_env_steps_per_s"] > 0
+    for kind in ("token", "generation"):
+        assert r[f"{kind}_env_steps_per_s_batched"] > 0 and r[f"{kind}_env_steps_per_s_one_at_a_time"] > 0
     assert r["ppo_iteration_s"] > 0 and r["peak_rss_mb"] > 0

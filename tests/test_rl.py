@@ -193,7 +193,16 @@ def test_sweep_runs_trials_and_compare_ranks_them_by_held_out_score(rl_setup, tm
     assert scores == sorted(scores, reverse=True)
     for t in summary["trials"]:  # the score is the fixed-weight held-out one, not the return
         assert t["score"] == pytest.approx(-t["kl"] + t["top1"] + t["task_acc"])
-    assert len(list((tmp_path / "exp").glob("*/ppo/tb/events.out.tfevents.*"))) == 2
+    events = sorted((tmp_path / "exp").glob("*/ppo/tb/events.out.tfevents.*"))
+    assert len(events) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in events:  # TensorBoard's own reader parses them
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert {"reward/r_faith", "reward/r_mono", "eval/kl", "ppo/policy_loss"} <= set(tags)
+        assert len(acc.Scalars("reward/r_faith")) >= 1
 
 
 def test_sweep_file_errors_name_the_problem(tmp_path):
@@ -211,3 +220,35 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
         load_sweep(tmp_path / "c.yaml")
     for name in ("smoke", "reward_weights", "schedules_pbt"):  # the shipped files parse
         load_sweep(REPO / "tune_configs" / f"{name}.yaml")
+
+
+def test_policy_module_shapes_value_head_and_export_round_trip(rl_setup, tmp_path):
+    import gymnasium as gym
+    from ray.rllib.core.columns import Columns
+
+    from models.decoder import load_decoder
+    from models.head import FrozenHead
+    from models.policy import DecoderPolicy
+
+    frozen = rl_setup["frozen"]
+    obs_space = gym.spaces.Dict({"indices": gym.spaces.Box(0, 63, (3, 8), np.int64),
+                                 "values": gym.spaces.Box(0, np.inf, (3, 8), np.float32)})
+    module = DecoderPolicy(observation_space=obs_space, action_space=gym.spaces.Discrete(frozen.vocab_size),
+                           model_config={"decoder": str(rl_setup["decoder"] / "decoder"), "model": rl_setup["model"],
+                                         "dtype": "fp32"})
+    batch = {Columns.OBS: {"indices": torch.randint(0, 64, (5, 3, 8)), "values": torch.rand(5, 3, 8)}}
+    explore = module.forward_exploration(batch)
+    assert set(explore) == {Columns.ACTIONS, Columns.ACTION_LOGP}  # no 49k-wide logits per step
+    assert explore[Columns.ACTIONS].shape == (5,) and (explore[Columns.ACTION_LOGP] <= 0).all()
+    train = module.forward_train(batch)
+    assert train[Columns.ACTION_DIST_INPUTS].shape == (5, frozen.vocab_size)
+    values = module.compute_values(batch)
+    assert values.shape == (5,)
+    torch.testing.assert_close(values, module.compute_values(batch, embeddings=train[Columns.EMBEDDINGS]))
+    with torch.no_grad():  # PPO changed the weights; the export must carry them
+        module.decoder.W_FD.add_(0.5)
+    module.export(tmp_path / "exported")
+    reloaded = load_decoder(tmp_path / "exported", FrozenHead.from_frozen(frozen))
+    idx, val = batch[Columns.OBS]["indices"][:, -1], batch[Columns.OBS]["values"][:, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx, val), module.logits(batch[Columns.OBS]))
