@@ -24,7 +24,7 @@ from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.metrics import resolve_sae_dir
 from sae.model import SparseAutoencoder
-from sae.ray_job import run_torch_job, tensorboard_reporter
+from sae.ray_job import resume_and_run, run_torch_job, tensorboard_reporter
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +104,7 @@ def train_worker(config: dict) -> None:
     trainer = DistillTrainer(cfg, kind, student, sae, cache, layer, rank, world, reporter, held_out)
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(student, move_to_device=False)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.start(resume_from=Path(directory))
-    else:
-        trainer.start()
-    progress = None
-    if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        progress = tqdm(total=trainer.total_steps, desc=f"distill {kind} L{layer}")
-        progress.update(trainer.state.step)
-    state = trainer.run(progress)
-    if progress is not None:
-        progress.close()
+    state = resume_and_run(trainer, rank, f"distill {kind} L{layer}")
     if rank == 0:
         run = RunDir(cfg.out)
         extra = {"model": cfg.model, "layer": layer, "train_tokens": state.step * tokens_per_step,

@@ -19,7 +19,7 @@ from corpus.sources import absolute_spec
 from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.config import SaeTrainConfig
-from sae.ray_job import run_torch_job, tensorboard_reporter
+from sae.ray_job import resume_and_run, run_torch_job, tensorboard_reporter
 from sae.train import SaeTrainer
 
 log = logging.getLogger(__name__)
@@ -49,21 +49,7 @@ def train_worker(config: dict) -> None:
     trainer = SaeTrainer(cfg, cache, rank, world, device, reporter)
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.sae, move_to_device=False)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            trainer.start(resume_from=Path(directory))
-    else:
-        trainer.start()
-    progress = None
-    if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        progress = tqdm(total=trainer.total_steps, desc=f"sae {cfg.arch} L{cfg.layer}")
-        progress.update(trainer.state.step)
-    trainer.run(progress)
-    if progress is not None:
-        progress.close()
+    resume_and_run(trainer, rank, f"sae {cfg.arch} L{cfg.layer}")
     if rank == 0:
         trainer.finish()
     reporter.close()

@@ -73,3 +73,28 @@ def tensorboard_reporter(out: Path, rank: int, step_scale: int, get_metrics: Cal
 
     reporter.close = (lambda: writer.close()) if writer is not None else (lambda: None)
     return reporter
+
+
+def resume_and_run(trainer, rank: int, desc: str):
+    """Inside a worker: start from Ray Train's checkpoint when it hands one over (a restarted worker),
+    else from the trainer's own, then run with a progress bar on rank 0. Returns the final state.
+
+    `trainer` has `start(resume_from)`, `run(progress)`, `total_steps` and `state.step`."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.start(resume_from=Path(directory))
+    else:
+        trainer.start()
+    progress = None
+    if rank == 0:
+        from ray.experimental.tqdm_ray import tqdm
+
+        progress = tqdm(total=trainer.total_steps, desc=desc)
+        progress.update(trainer.state.step)
+    state = trainer.run(progress)
+    if progress is not None:
+        progress.close()
+    return state
