@@ -3,8 +3,9 @@ submitted with `ray job submit --working-dir .`, its results checked, and the cl
 
     .venv/bin/python cluster/loopback.py [--keep DIR]
 
-Token authentication stays on (Ray 2.60's default): `ray start --head` writes the generated token to
-RAY_AUTH_TOKEN_PATH (a file in this run's temporary folder), and every later `ray` command reads it.
+Token authentication stays on: a token from Ray's own generator is written to RAY_AUTH_TOKEN_PATH (a
+file in this run's temporary folder, mode 600) and RAY_AUTH_MODE=token makes the head, the worker
+and every later `ray` command (status, job submit, stop) authenticate with it.
 The decoder the sweep starts from is a tiny random Llama with a random SAE, built here, so the test
 needs no data and no network. Exit status 0 means every check passed.
 """
@@ -61,22 +62,32 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_AUTH_TOKEN_PATH": str(root / "auth_token"), "HF_HUB_OFFLINE": "1",
+           "RAY_AUTH_TOKEN_PATH": str(root / "auth_token"), "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1",
            "FAITHLENS_CACHE": os.environ.get("FAITHLENS_CACHE", str(root / "faithlens_cache"))}
     os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "FAITHLENS_CACHE")})
     ray = str(bin_dir / "ray")
     t0 = time.perf_counter()
     decoder = build_tiny_decoder(root)
     experiment = root / "sweeps" / "smoke"
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    token_path = root / "auth_token"  # from Ray's own token generator; RAY_AUTH_MODE=token makes every command use it
+    token_path.write_text(generate_new_authentication_token())
+    token_path.chmod(0o600)
     try:
         sh([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}", "--num-cpus=1",
             f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
         sh([ray, "start", f"--address=127.0.0.1:{GCS_PORT}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             "--disable-usage-stats"], env)
-        status = sh([ray, "status", f"--address=127.0.0.1:{GCS_PORT}"], env)
-        alive = status.stdout.count("node_")
+        alive, deadline = 0, time.monotonic() + 60
+        while alive < 2 and time.monotonic() < deadline:  # the worker takes a few seconds to register
+            time.sleep(3)
+            status = sh([ray, "status", f"--address=127.0.0.1:{GCS_PORT}"], env, check=False)
+            active = status.stdout.split("Active:")[-1].split("Pending:")[0]
+            alive = active.count("node_")
         if alive < 2:
             raise SystemExit(f"loopback: expected 2 alive nodes in `ray status`, found {alive}")
+        print(f"loopback: {alive} nodes alive", flush=True)
         runtime_env = {"excludes": [".venv", "runs", ".git", "*.safetensors"],
                        "env_vars": {"FAITHLENS_SMOKE_DECODER": str(decoder), "HF_HUB_OFFLINE": "1",
                                     "FAITHLENS_CACHE": env["FAITHLENS_CACHE"]}}

@@ -141,7 +141,10 @@ def _load(cfg: DecoderEvalConfig):
             from sae.metrics import resolve_sae_dir
 
             saes[sae_path] = SparseAutoencoder.load(resolve_sae_dir(Path(sae_path)))
-        name = meta["arch"] if meta["arch"] not in decoders else f"{meta['arch']}:{d.parent.name}"
+        folder = d.parent.name if d.name == "decoder" else d.name
+        name = meta["arch"] if len(dirs) == 1 else f"{meta['arch']} ({folder})"
+        if name in decoders:
+            name = f"{name} #{len(decoders) + 1}"
         decoders[name] = (load_decoder(d, head), saes[sae_path])
     lens = TunedLens.load(cfg.lens, head) if cfg.lens is not None else None
     first_sae = next(iter(saes.values()))

@@ -198,7 +198,7 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = ""):
     algorithm = spec["algorithm"]
     cpus = float(spec.get("cpus_per_trial", 1))
     space = {k: domain(k, v) for k, v in (spec.get("space") or {}).items()}
-    param_space = {**space, "__base": _absolute(spec["base"], Path.cwd()), "__score": spec.get("score") or None, "__cpus": cpus}
+    param_space = {**space, "__base": spec["base"], "__score": spec.get("score") or None, "__cpus": cpus}
     if param_space["__score"] is None:
         from rl_env.ppo import SCORE_WEIGHTS
 
@@ -217,7 +217,7 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = ""):
             hyperparam_mutations={k: (v if isinstance(v, list) else domain(k, v)) for k, v in pbt["mutations"].items()})
         for key, mutation in pbt["mutations"].items():  # every mutated option needs a starting value
             param_space.setdefault(key, tune.choice(mutation) if isinstance(mutation, list) else domain(key, mutation))
-    storage = storage_path or str(Path(experiment).resolve().parent)
+    storage = storage_path or str(Path(experiment).parent)
     return tune.Tuner(
         tune.with_resources(ppo_trainable, {"cpu": cpus}),
         param_space=param_space,
@@ -234,7 +234,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     import ray
 
     spec = load_sweep(cfg.file)
-    experiment = Path(cfg.out) if cfg.out is not None else Path("runs/sweeps") / spec["name"]
+    # resolve paths before Ray starts: a job's working folder can change under the driver afterwards
+    spec["base"] = _absolute(spec["base"], Path.cwd())
+    experiment = (Path(cfg.out) if cfg.out is not None else Path("runs/sweeps") / spec["name"]).resolve()
     experiment.parent.mkdir(parents=True, exist_ok=True)
     started_here = not ray.is_initialized()
     if started_here:
@@ -242,6 +244,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
             ray.init(address=cfg.address, log_to_driver=False)
         else:
             ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
+    # Under `ray job submit`, the driver's working folder is an unpacked package that Ray may remove
+    # while trials run; everything is absolute by now, so work from the experiment's parent instead.
+    os.chdir(experiment.parent)
     try:
         results = build_tuner(spec, experiment, cfg.storage_path).fit()
     finally:

@@ -153,6 +153,10 @@ def test_ppo_resumes_and_exports_a_decoder_that_decoder_eval_reads(rl_setup, cap
     assert "resumed from" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert [r["iteration"] for r in history] == [1, 2, 3, 4]
+    metrics = json.loads((out / "metrics.json").read_text())
+    phases = metrics["per_phase"]  # the default 2:6:2 schedule over 1,024 steps: boundaries at 205 and 819
+    assert [p["phase"] for p in phases] == sorted({p["phase"] for p in phases}) and len(phases) >= 2
+    assert all("kl" in p["end"] and "top1" in p["end"] for p in phases)
     assert main(["ppo", "export", str(out), str(root / "exported"), "--which", "checkpoint"]) == 0
     capsys.readouterr()
     code = main(["decoder", "eval", str(root / "exported"), "--model", rl_setup["model"], "--dtype", "fp32",
