@@ -48,7 +48,7 @@ class EnvConfig(RewardConfig):
     """token: teacher-forced windows of cached text; generation: the decoder writes answers to task prompts."""
 
     model: str = ""
-    """Frozen model (hub id, local dir or embedded:…)."""
+    """Frozen model (default: the decoder's): a hub id, a local dir or embedded:smollm2-135m-instruct."""
 
     dtype: str = "auto"
     layer: int = 9
