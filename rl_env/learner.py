@@ -1,9 +1,15 @@
-"""PPO's clipped-surrogate loss without the rollout's full action distribution.
+"""PPO's clipped-surrogate loss without the rollout's full action distribution, and the design's
+entropy bonus in reward units.
 
 RLlib's stock PPO learner reads the sampled steps' `action_dist_inputs` (the full logits) even with
 the KL penalty off; with ~49k actions those cost 192 KiB per step in every episode and batch. The
 ratio only needs the sampled action's log-prob, which the policy returns at sampling time, so this
 learner computes the same loss as the stock one (use_kl_loss=False) from `action_logp` alone.
+
+The design's r_faith = log p_frozen(a) reaches −α·KL(π ‖ p_frozen) in expectation only with an entropy
+bonus of α *in reward units*; RLlib's entropy coefficient acts on standardised advantages instead.
+With `learner_config_dict={"entropy_reward": c}` the learner adds −c·log π(a) (the sampled action's
+log-prob, already in the batch) to every step's reward before advantages are computed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from ray.rllib.algorithms.ppo.ppo import (
     LEARNER_RESULTS_VF_LOSS_UNCLIPPED_KEY,
 )
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.connectors.learner import GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.evaluation.postprocessing import Postprocessing
@@ -22,7 +30,29 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.torch_utils import explained_variance
 
 
+class EntropyReward(ConnectorV2):
+    """reward ← reward − c·log π(a), per step, before GAE (the artificial bootstrap step is masked anyway)."""
+
+    def __init__(self, coefficient: float, **kwargs):
+        super().__init__(**kwargs)
+        self.coefficient = coefficient
+
+    def __call__(self, *, rl_module, batch, episodes, **kwargs):
+        for module_batch in batch.values():
+            if Columns.REWARDS in module_batch and Columns.ACTION_LOGP in module_batch:
+                logp = module_batch[Columns.ACTION_LOGP]
+                module_batch[Columns.REWARDS] = module_batch[Columns.REWARDS] - self.coefficient * logp
+        return batch
+
+
 class SlimPPOLearner(PPOTorchLearner):
+    @override(PPOTorchLearner)
+    def build(self) -> None:
+        super().build()
+        coefficient = float(self.config.learner_config_dict.get("entropy_reward", 0.0))
+        if coefficient and self._learner_connector is not None:
+            self._learner_connector.insert_before(GeneralAdvantageEstimation, EntropyReward(coefficient))
+
     @override(PPOTorchLearner)
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         if config.use_kl_loss:

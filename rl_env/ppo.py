@@ -99,7 +99,7 @@ def algo_config(cfg: PpoConfig, env_config: dict):
                   grad_clip=1.0)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=DecoderPolicy, model_config={
             "decoder": str(cfg.decoder), "model": cfg.model, "dtype": cfg.dtype}))
-        .learners(num_learners=0, learner_class=SlimPPOLearner)
+        .learners(num_learners=0, learner_class=SlimPPOLearner, learner_config_dict={"entropy_reward": cfg.entropy_reward})
         .debugging(seed=cfg.seed, log_level="ERROR")
     )
 

@@ -50,6 +50,10 @@ class PpoConfig(EnvConfig):
     entropy_coeff: float = 0.0
     """Entropy bonus in the PPO loss (advantages are standardised, so it is not the reward-scale α)."""
 
+    entropy_reward: float = 0.0
+    """Add −c·log π(a) to every step's reward (the design's entropy bonus in reward units; c = α makes the
+    faithfulness term's expectation −α·KL(π ‖ p_frozen), whose optimum is π = p_frozen). 0 = off."""
+
     vf_loss_coeff: float = 0.5
     num_epochs: int = 2
     minibatch_size: int = 256
