@@ -70,7 +70,7 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
                 single.reset()
         results[f"{kind}_env_steps_per_s_one_at_a_time"] = steps / (time.perf_counter() - t0)
         results[f"{kind}_batching_speedup"] = results[f"{kind}_env_steps_per_s_batched"] / results[f"{kind}_env_steps_per_s_one_at_a_time"]
-    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
     trial = PpoTrial(cfg, root_p / "ppo")
     trial.before = {}
     trial.last_eval = {"kl": 0.0, "top1": 0.0, "score": 0.0}

@@ -298,7 +298,7 @@ def run_ppo(cfg: PpoConfig) -> dict:
     out = Path(cfg.out).resolve()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False, include_dashboard=False)
     try:
         trial = PpoTrial(cfg, out)
         try:

@@ -243,7 +243,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         if cfg.address:
             ray.init(address=cfg.address, log_to_driver=False)
         else:
-            ray.init(log_to_driver=False, configure_logging=False, include_dashboard=False)
+            ray.init(address="local", log_to_driver=False, configure_logging=False, include_dashboard=False)
     # Under `ray job submit`, the driver's working folder is an unpacked package that Ray may remove
     # while trials run; everything is absolute by now, so work from the experiment's parent instead.
     os.chdir(experiment.parent)

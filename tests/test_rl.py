@@ -143,6 +143,15 @@ def test_ppo_learns_from_the_reward_and_not_from_noise(rl_setup, capsys):
     assert "held-out KL" in capsys.readouterr().out
 
 
+def test_entropy_bonus_in_reward_units_makes_ppo_lower_the_held_out_kl(rl_setup):
+    """r_faith alone is mode-seeking (the policy collapses onto the frozen argmax); with −α·log π(a) added
+    its expectation is −α·KL(π ‖ p_frozen), minimised at π = p_frozen, so the held-out KL falls."""
+    root = rl_setup["root"]
+    assert _ppo(rl_setup, root / "ppo_entropy", "--steps", "1536", "--phases", "1:1/0/0", "--entropy-reward", "1.0") == 0
+    m = json.loads((root / "ppo_entropy" / "metrics.json").read_text())
+    assert m["after"]["kl"] < m["before"]["kl"] - 0.3
+
+
 def test_ppo_resumes_and_exports_a_decoder_that_decoder_eval_reads(rl_setup, capsys):
     from faithlens_cli import main
 
