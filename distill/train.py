@@ -87,16 +87,18 @@ class HeldOut:
 
     @torch.no_grad()
     def measure(self, student: nn.Module, sae: SparseAutoencoder | None) -> dict:
-        kl = top1 = 0.0
+        kl = kl_reverse = top1 = 0.0
         was_training = student.training
         student.eval()
         for resid, teacher_logp in self.batches:
             logits = student_logits(student, sae, resid)
             teacher = teacher_logp.flatten(0, 1).float()
             kl += kl_full(teacher, logits).sum().item()
+            # KL(p_student ‖ p_frozen): what the RL reward r_faith − log π(a) optimises in expectation
+            kl_reverse += kl_full(logits.float().log_softmax(-1), teacher).sum().item()
             top1 += (logits.argmax(-1) == teacher.argmax(-1)).sum().item()
         student.train(was_training)
-        return {"kl": kl / self.tokens, "top1": top1 / self.tokens}
+        return {"kl": kl / self.tokens, "kl_reverse": kl_reverse / self.tokens, "top1": top1 / self.tokens}
 
 
 class DistillTrainer:
