@@ -4,8 +4,8 @@ An episode is `window` consecutive positions of one cached sequence. The observa
 is the SAE features of positions t−C..t (C = `context`, zero-padded before the sequence start); the
 action is a token id; the reward is computed from the cached teacher targets at t (log p_frozen of
 the action from the top-k log-probs, the rest mass shared equally outside them), the features at t,
-and the data's next token (or the frozen argmax). A sequence's features are encoded once, when an
-episode starts on it.
+and the data's next token (or the frozen argmax). The positions an episode can observe are encoded
+once, when it starts (all rows starting together in one SAE call).
 """
 
 from __future__ import annotations
@@ -37,20 +37,37 @@ class TokenEngine(Engine):
         self.end = np.zeros(n, dtype=np.int64)
         self.feat_idx = np.zeros((n, self.cache.seq_len + C, K), dtype=np.int64)  # C leading zero rows
         self.feat_val = np.zeros((n, self.cache.seq_len + C, K), dtype=np.float32)
-        self.rows: list[dict] = [{} for _ in range(n)]
+        # each row's sequence targets, copied in at reset so that a step is one vectorised gather
+        T, k = self.cache.seq_len, self.cache.manifest["top_k"]
+        self.next_ids = np.zeros((n, T), dtype=np.int64)
+        self.top_ids = np.zeros((n, T, k), dtype=np.int64)
+        self.top_logp = np.zeros((n, T, k), dtype=np.float32)
+        self.rest = np.zeros((n, T), dtype=np.float32)
 
     def reset_rows(self, rows: np.ndarray) -> dict:
+        """New episodes for `rows`: a random sequence and window each; the positions an episode can observe
+        (its window and the C before it) of all rows are SAE-encoded in one call."""
         C, T = self.cfg.context, self.cfg.window
+        spans, resid = [], []
         for r in rows:
             shard, row = self.index[self.rng.integers(len(self.index))]
             data = self.cache.shard(int(shard))
-            seq = {k: data[k][int(row)] for k in ("next_ids", "teacher.topk_ids", "teacher.topk_logp", "teacher.rest_logmass")}
-            self.rows[r] = seq
-            idx, val = self.encode(data[f"resid.{self.cfg.layer}"][int(row)])
-            self.feat_idx[r, C:], self.feat_val[r, C:] = idx, val
-            self.feat_idx[r, :C], self.feat_val[r, :C] = 0, 0.0
+            self.next_ids[r] = data["next_ids"][int(row)].numpy()
+            self.top_ids[r] = data["teacher.topk_ids"][int(row)].numpy()
+            self.top_logp[r] = data["teacher.topk_logp"][int(row)].numpy()
+            self.rest[r] = data["teacher.rest_logmass"][int(row)].numpy()
             start = int(self.rng.integers(1, self.cache.seq_len - T + 1))  # position 0 (BOS) is never scored
             self.pos[r], self.end[r] = start, start + T
+            first = max(0, start - C)
+            spans.append((r, first, start + T))
+            resid.append(data[f"resid.{self.cfg.layer}"][int(row), first : start + T])
+        idx, val = self.encode(torch.cat(resid))
+        offset = 0
+        for r, first, stop in spans:
+            n = stop - first
+            self.feat_idx[r], self.feat_val[r] = 0, 0.0
+            self.feat_idx[r, first + C : stop + C], self.feat_val[r, first + C : stop + C] = idx[offset : offset + n], val[offset : offset + n]
+            offset += n
         return self._obs()
 
     def _obs(self) -> dict:
@@ -65,14 +82,14 @@ class TokenEngine(Engine):
         info: dict = {}
         if len(live):
             pos = self.pos[live]
-            pick = lambda key: torch.stack([torch.as_tensor(self.rows[r][key][p]) for r, p in zip(live, pos)])
-            top_ids, top_logp, rest = pick("teacher.topk_ids"), pick("teacher.topk_logp"), pick("teacher.rest_logmass")
+            top_ids = torch.from_numpy(self.top_ids[live, pos])
             a = torch.as_tensor(actions[live])
-            logp = token_logp(a, top_ids, top_logp, rest, self.vocab)
+            logp = token_logp(a, top_ids, torch.from_numpy(self.top_logp[live, pos]), torch.from_numpy(self.rest[live, pos]),
+                              self.vocab)
             if self.cfg.reference == "data":
-                reference = pick("next_ids").long()
+                reference = torch.from_numpy(self.next_ids[live, pos])
             else:
-                reference = top_ids[:, 0].long()
+                reference = top_ids[:, 0]
             C = self.cfg.context
             r_live, parts = self.reward(actions[live], logp, self.feat_idx[live, pos + C], self.feat_val[live, pos + C],
                                         (a == reference).numpy())
