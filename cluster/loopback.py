@@ -91,10 +91,19 @@ def main() -> int:
         runtime_env = {"excludes": [".venv", "runs", ".git", "*.safetensors"],
                        "env_vars": {"FAITHLENS_SMOKE_DECODER": str(decoder), "HF_HUB_OFFLINE": "1",
                                     "FAITHLENS_CACHE": env["FAITHLENS_CACHE"]}}
-        sh([ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".",
-            "--runtime-env-json", json.dumps(runtime_env), "--",
-            sys.executable, "-m", "faithlens_cli", "sweep", "tune_configs/smoke.yaml", "--out", str(experiment),
-            "--address", "auto"], env, timeout=900)
+        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{DASHBOARD_PORT}", "--working-dir", ".",
+                  "--runtime-env-json", json.dumps(runtime_env), "--",
+                  sys.executable, "-m", "faithlens_cli", "sweep", "tune_configs/smoke.yaml", "--out", str(experiment),
+                  "--address", "auto"]
+        for attempt in range(6):  # the head's job agent can take a while to come up on a busy machine
+            proc = sh(submit, env, timeout=900, check=False)
+            if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout:
+                break
+            print(f"loopback: the job agent is not ready yet (attempt {attempt + 1}); retrying in 10 s", flush=True)
+            time.sleep(10)
+        if proc.returncode != 0:
+            print(proc.stderr.strip()[-4000:], file=sys.stderr, flush=True)
+            raise SystemExit(f"loopback: `ray job submit` failed with exit code {proc.returncode}")
         summary = json.loads(sh([sys.executable, "-m", "faithlens_cli", "compare", str(experiment), "--json"], env).stdout)
         phases = sorted(t["params"]["phases"] for t in summary["trials"])
         if len(summary["trials"]) != 2 or len(set(phases)) != 2:
