@@ -55,7 +55,10 @@ def _engine(env):
 
 def engines_call(algo, fn) -> list:
     """Apply fn(engine) on every env runner's environment (the local one when there are no remote runners)."""
-    return algo.env_runner_group.foreach_env_runner(lambda runner: fn(_engine(runner.env)), local_env_runner=True)
+    results = algo.env_runner_group.foreach_env_runner(
+        lambda runner: fn(_engine(runner.env)) if getattr(runner, "env", None) is not None else None,
+        local_env_runner=True)  # with remote runners, the local one has no environment
+    return [r for r in results if r is not None]
 
 
 # -- configuration ----------------------------------------------------------------------------------
