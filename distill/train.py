@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from distill.student import student_logits
 from models.frozen import FrozenLM
 from models.io import atomic_path
 from sae.model import SparseAutoencoder
+from sae.train import restore_training_tensors, training_tensors
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,7 @@ class DistillState:
     """Held-out points: {tokens, kl, top1} (exact KL over the full vocabulary)."""
 
     def save(self, directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-        for i, p in enumerate(model.parameters()):
-            for name, value in opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{name}"] = value.detach().reshape(-1).contiguous() if value.dim() == 0 else value.detach().contiguous()
+        tensors = training_tensors(model, opt)
         with atomic_path(Path(directory)) as tmp:
             tmp.mkdir()
             save_file(tensors, str(tmp / "state.safetensors"))
@@ -48,13 +46,7 @@ class DistillState:
 
     @classmethod
     def load(cls, directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> DistillState:
-        tensors = load_file(str(Path(directory) / "state.safetensors"))
-        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        for i, p in enumerate(model.parameters()):
-            state = {name: tensors[f"opt.{i}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq") if f"opt.{i}.{name}" in tensors}
-            if state:
-                state["step"] = state["step"].reshape(())
-                opt.state[p] = state
+        restore_training_tensors(load_file(str(Path(directory) / "state.safetensors")), model, opt)
         return cls(**json.loads((Path(directory) / "state.json").read_text()))
 
 
@@ -73,8 +65,6 @@ class HeldOut:
     """A fixed held-out sample with exact teacher log-probs, for the KL-vs-tokens curve."""
 
     def __init__(self, cfg: TrainLoopConfig, frozen: FrozenLM, layer: int, batch_size: int = 4):
-        from dataclasses import replace
-
         eval_cfg = replace(cfg, split="eval", tokens=cfg.eval_tokens)
         seqs = list(sequences(eval_cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
         self.batches = []

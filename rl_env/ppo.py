@@ -17,7 +17,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import atomic_path, write_json_atomic
 from rl_env.config import EnvConfig
 from rl_env.learner import SlimPPOLearner
 from rl_env.ppo_config import PpoConfig, PpoExportConfig, load_yaml_overrides
@@ -330,16 +330,9 @@ def _module(algo):
 
 
 def _save(algo, ckpt: Path, state: dict) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    algo.save_to_path(str(tmp))
-    (tmp / "faithlens_state.json").write_text(json.dumps(state))
-    old = ckpt.with_name(ckpt.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(ckpt) as tmp:
+        algo.save_to_path(str(tmp))
+        (tmp / "faithlens_state.json").write_text(json.dumps(state))
 
 
 def _print_summary(metrics: dict, out: Path) -> None:
@@ -365,13 +358,8 @@ def run_ppo_export(cfg: PpoExportConfig) -> Path:
     if cfg.which == "final":
         src = run / "decoder"
         read_decoder_meta(src)  # refuses a folder without a decoder
-        dest = Path(cfg.dest)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        with atomic_path(Path(cfg.dest)) as tmp:
+            shutil.copytree(src, tmp)
     else:
         ckpt = run / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy"
         if not ckpt.is_dir():

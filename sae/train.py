@@ -29,6 +29,26 @@ log = logging.getLogger(__name__)
 NORM_SAMPLE_TOKENS = 16_384
 
 
+def training_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Weights (`model.*`) and Adam/AdamW moments (`opt.<param index>.*`) as flat safetensors entries."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        for name, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{name}"] = value.detach().reshape(-1).contiguous() if value.dim() == 0 else value.detach().contiguous()
+    return tensors
+
+
+def restore_training_tensors(tensors: dict[str, torch.Tensor], model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """The inverse of `training_tensors`."""
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        state = {name: tensors[f"opt.{i}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq") if f"opt.{i}.{name}" in tensors}
+        if state:
+            if "step" in state:
+                state["step"] = state["step"].reshape(())
+            opt.state[p] = state
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -41,11 +61,7 @@ class TrainState:
     """Training tokens since each latent last fired."""
 
     def save(self, directory: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> None:
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in sae.state_dict().items()}
-        for i, p in enumerate(sae.parameters()):
-            for name, value in opt.state.get(p, {}).items():
-                tensors[f"opt.{i}.{name}"] = value.detach().reshape(-1).contiguous() if value.dim() == 0 else value.detach().contiguous()
-        tensors["since_fired"] = self.since_fired
+        tensors = {**training_tensors(sae, opt), "since_fired": self.since_fired}
         scalars = {k: v for k, v in asdict(self).items() if k != "since_fired"}
         with atomic_path(Path(directory)) as tmp:
             tmp.mkdir()
@@ -56,15 +72,7 @@ class TrainState:
     def load(cls, directory: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> TrainState:
         tensors = load_file(str(Path(directory) / "state.safetensors"))
         scalars = json.loads((Path(directory) / "state.json").read_text())
-        sae.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        for i, p in enumerate(sae.parameters()):
-            state = {}
-            for name in ("step", "exp_avg", "exp_avg_sq"):
-                key = f"opt.{i}.{name}"
-                if key in tensors:
-                    state[name] = tensors[key].reshape(()) if name == "step" else tensors[key]
-            if state:
-                opt.state[p] = state
+        restore_training_tensors(tensors, sae, opt)
         return cls(**scalars, since_fired=tensors["since_fired"])
 
 
