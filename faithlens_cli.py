@@ -36,6 +36,20 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "A Ray Tune sweep of PPO trials (reward weights, schedules, PPO settings) from a YAML file."),
     "compare": ("rl_env.sweep", "rl_env.sweep:CompareConfig", "run_compare",
                 "Rank a sweep's trials by their held-out score."),
+    "features importance": ("interpret.importance", "interpret.config:ImportanceConfig", "run_importance",
+                            "Rank features by attribution to the predictions (decoder and spliced model), checked by ablation."),
+    "features evidence": ("interpret.evidence", "interpret.config:EvidenceConfig", "run_evidence",
+                          "Top-activating contexts, quantile samples, density and promoted tokens of every live feature."),
+    "features label": ("interpret.labels", "interpret.label_config:LabelConfig", "run_label",
+                       "Label the most important features (local LLM, OpenAI-compatible endpoint, or statistics)."),
+    "features score": ("interpret.scoring", "interpret.label_config:ScoreConfig", "run_score",
+                       "Score labels: detection, fuzzing (simulated) and embedding balanced accuracy."),
+    "features review": ("interpret.review", "interpret.label_config:ReviewConfig", "run_review",
+                        "Review labels by hand in the terminal (scores 0-1 stored beside the automatic ones)."),
+    "features cluster": ("interpret.cluster", "interpret.config:ClusterConfig", "run_cluster",
+                         "Cluster features by decoder-direction cosine and co-activation, with cluster labels."),
+    "explain": ("interpret.explain", "interpret.config:ExplainConfig", "run_explain",
+                "Explain the next-token prediction for TEXT: features by attribution, labels, faithfulness, dashboards."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }
@@ -43,7 +57,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: faithlens COMMAND [--help] [options]", "", "commands:"]
-    lines += [f"  {name:<18} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<20} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

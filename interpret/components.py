@@ -1,0 +1,80 @@
+"""Load what a run's interpretation needs: the frozen model, its SAE and the decoder reading it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from interpret.run import InterpretRun
+from models.config import DEFAULT_MODEL, ModelConfig
+from models.errors import ConfigError
+from models.decoder import Decoder, ReadoutDecoder, LinearDecoder, load_decoder, read_decoder_meta
+from models.frozen import FrozenLM
+from models.head import FrozenHead
+from models.loading import load_frozen
+from sae.model import SparseAutoencoder
+
+
+@dataclass
+class Components:
+    run: InterpretRun
+    frozen: FrozenLM
+    sae: SparseAutoencoder
+    decoder: Decoder
+    layer: int
+    meta: dict
+
+    @cached_property
+    def token_strings(self) -> list[str]:
+        """Every vocabulary id decoded on its own (whitespace kept), for showing examples."""
+        tok = self.frozen.tokenizer
+        return [tok.decode([i]) for i in range(self.frozen.vocab_size)]
+
+    def features(self, resid_BTD: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, D = resid_BTD.shape
+        with torch.no_grad():
+            enc = self.sae.encode(resid_BTD.reshape(-1, D).float())
+        return enc.indices_NK.view(B, T, -1), enc.acts_NK.view(B, T, -1)
+
+    def decoder_logits(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        """Decoder logits at every position (context decoders read the whole sequence)."""
+        return self.decoder(indices_BTK, values_BTK).float()
+
+    @torch.no_grad()
+    def direct_effects(self, feature_ids: Tensor) -> Tensor:
+        """Logit change per unit activation of each feature through the decoder's direct path [n, V].
+
+        readout: the feature's row after the affine map, through the frozen norm weight and unembedding
+        (the norm's per-position scale left out); linear: its rows through the up-projection; context:
+        the embedding row straight through the frozen head (the path that skips the decoder's blocks).
+        """
+        d = self.decoder
+        if isinstance(d, LinearDecoder):
+            rows = d.A_FR[feature_ids].float()
+            return rows @ d.B_RV.float() if d.B_RV is not None else rows
+        head: FrozenHead = d.head
+        if isinstance(d, ReadoutDecoder):
+            rows = d._translate(d.W_FD[feature_ids].float(), with_bias=False)
+        else:
+            rows = getattr(d, "embed_FD", self.sae.W_dec)[feature_ids].float()
+        return head.unembed(head.center(rows) * head.norm_weight_D.float()).float()
+
+
+def load_components(run: InterpretRun, model_cfg: ModelConfig | None = None, frozen: FrozenLM | None = None) -> Components:
+    meta = read_decoder_meta(run.decoder_dir)
+    model_cfg = model_cfg or ModelConfig()
+    if model_cfg.model == DEFAULT_MODEL and meta.get("model"):
+        model_cfg = replace(ModelConfig(), model=meta["model"], dtype=model_cfg.dtype, device=model_cfg.device)
+    frozen = frozen or load_frozen(model_cfg)
+    sae = SparseAutoencoder.load(run.sae_dir(meta.get("sae")))
+    sae.eval()
+    decoder = load_decoder(run.decoder_dir, FrozenHead.from_frozen(frozen))
+    for p in list(decoder.parameters()) + list(sae.parameters()):
+        p.requires_grad_(False)
+    if "layer" not in meta:
+        raise ConfigError(f"{run.decoder_dir}/decoder.json records no layer; retrain or add \"layer\" to it")
+    layer = int(meta["layer"])
+    return Components(run=run, frozen=frozen, sae=sae, decoder=decoder, layer=frozen.check_layer(layer), meta=meta)

@@ -1,0 +1,146 @@
+"""Configs of the interpretation commands that the lead modules own: importance, evidence, clusters, explain.
+
+(Labelling, scoring and review configs live in `interpret/label_config.py`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from corpus.config import CorpusConfig
+from models.config import ModelConfig
+from models.errors import ConfigError
+
+
+@dataclass
+class RunConfig(ModelConfig):
+    run: tyro.conf.Positional[Path] = Path("runs/demo")
+    """Run directory holding a decoder (RUN/decoder or decoder.json) and an SAE (RUN/sae or the one decoder.json records)."""
+
+    def __post_init__(self):
+        if not Path(self.run).is_dir():
+            raise ConfigError(f"RUN: {self.run} is not a directory (expected a run folder holding a decoder)")
+
+
+@dataclass
+class ImportanceConfig(CorpusConfig, RunConfig):
+    tokens: int = 16_384
+    """Token positions whose predictions are attributed (rounded up to whole sequences)."""
+
+    seq_len: int = 128
+    """Tokens per sequence."""
+
+    split: Literal["train", "eval", "ood"] = "eval"
+    """Which split of --data to read (held-out by default)."""
+
+    target: Literal["logprob", "logit", "kl"] = "logprob"
+    """What is attributed: the log-prob (or logit) of the predicted token, or the KL to the frozen model."""
+
+    spliced: bool = True
+    """Also attribute through the SAE-spliced frozen model (the real computation, slower)."""
+
+    spliced_tokens: int = 4_096
+    """Token positions for the spliced attribution (a prefix of --tokens)."""
+
+    validate_top: int = 50
+    """Exact ablation of this many top features, to check attribution patching (rank correlation)."""
+
+    validate_sequences: int = 8
+    """Sequences in the ablation check."""
+
+    share_targets: int = 128
+    """Predictions whose per-token top-10 attribution share is measured one backward each (context decoders)."""
+
+    batch_size: int = 8
+    """Sequences per forward/backward pass."""
+
+    def __post_init__(self):
+        RunConfig.__post_init__(self)
+        CorpusConfig.__post_init__(self)
+
+
+@dataclass
+class EvidenceConfig(CorpusConfig, RunConfig):
+    tokens: int = 200_000
+    """Token positions scanned for top-activating contexts and densities."""
+
+    seq_len: int = 128
+    """Tokens per sequence."""
+
+    context: int = 16
+    """Tokens shown on each side of an example's position."""
+
+    top_examples: int = 20
+    """Top-activating contexts kept per feature."""
+
+    quantile_examples: int = 10
+    """Contexts sampled across each feature's activation quantiles."""
+
+    negative_examples: int = 20
+    """Contexts where the feature never fires (for label scoring)."""
+
+    reservoir: int = 256
+    """Uniformly sampled activations kept per feature (quantile samples and histogram)."""
+
+    promoted: int = 10
+    """Most promoted / suppressed tokens per feature (direct effect through the readout)."""
+
+    batch_size: int = 16
+    """Sequences per forward pass."""
+
+    def __post_init__(self):
+        RunConfig.__post_init__(self)
+        CorpusConfig.__post_init__(self)
+        for flag, value in (("--context", self.context), ("--top-examples", self.top_examples),
+                            ("--reservoir", self.reservoir)):
+            if value < 1:
+                raise ConfigError(f"{flag}: expected a positive number, got {value}")
+
+
+@dataclass
+class ClusterConfig(RunConfig):
+    top: int = 0
+    """Cluster only the N most important features (0 = every live feature with evidence)."""
+
+    threshold: float = 0.6
+    """Agglomerative clustering distance threshold on 1 − similarity (average linkage)."""
+
+    coactivation_weight: float = 0.5
+    """Similarity = (1 − w)·decoder-direction cosine + w·co-activation Jaccard."""
+
+    min_size: int = 2
+    """Clusters smaller than this are reported as singletons."""
+
+
+@dataclass
+class ExplainConfig(ModelConfig):
+    text: tyro.conf.Positional[str] = ""
+    """The input whose next token is explained."""
+
+    run: Path = Path("runs/demo")
+    """Run directory (decoder + SAE, and labels/evidence if made)."""
+
+    html: Path | None = None
+    """Also write a self-contained HTML dashboard here."""
+
+    json: bool = False
+    """Print the explanation as one JSON object instead of the terminal dashboard."""
+
+    top: int = 10
+    """Features named by the explanation (kept for sufficiency, ablated for comprehensiveness)."""
+
+    chat: bool = False
+    """Wrap the text in the model's chat template (as a user turn) before explaining."""
+
+    llm: bool = False
+    """Method 3: verbalise the explanation with the labelling backend (local model by default)."""
+
+    def __post_init__(self):
+        if not self.text.strip():
+            raise ConfigError("TEXT: expected a non-empty input to explain, e.g. faithlens explain \"What is 17 + 3?\" --run RUN")
+        if self.top < 1:
+            raise ConfigError(f"--top: expected at least 1 feature, got {self.top}")
