@@ -110,3 +110,60 @@ def test_evidence_examples_point_at_real_activations(context_run, tiny_frozen):
     # the SAE is top-k: densities over all latents sum to k per token
     total = sum(ev.stats(f)["density"] for f in ev)
     assert total == pytest.approx(comp.sae.cfg.k, rel=1e-6)
+
+
+def test_sufficiency_and_comprehensiveness_on_a_hand_built_case(tiny_frozen, tmp_path):
+    from interpret.explain import faithfulness
+
+    comp = components(make_run(tiny_frozen, tmp_path, arch="linear", rank=0), tiny_frozen)
+    V = comp.frozen.vocab_size
+    with torch.no_grad():
+        comp.decoder.A_FR.zero_()
+        comp.decoder.A_FR[0, 5] = 3.0  # feature 0 pushes token 5 hard, feature 1 a little, feature 2 pushes token 6
+        comp.decoder.A_FR[1, 5] = 1.0
+        comp.decoder.A_FR[2, 6] = 2.0
+    indices = torch.tensor([[[0, 1, 2], [0, 1, 2]]])
+    values = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]])
+
+    def p5(z5: float, z6: float) -> float:
+        return float(np.exp(z5) / (np.exp(z5) + np.exp(z6) + (V - 2)))
+
+    out = faithfulness(comp, indices, values, 5, named=[0])
+    assert out["p"] == pytest.approx(p5(4, 2), rel=1e-5)
+    assert out["p_keep"] == pytest.approx(p5(3, 0), rel=1e-5)
+    assert out["p_ablate"] == pytest.approx(p5(1, 2), rel=1e-5)
+    assert out["sufficiency"] == pytest.approx(p5(3, 0) / p5(4, 2), rel=1e-5)
+    assert out["comprehensiveness"] == pytest.approx(1 - p5(1, 2) / p5(4, 2), rel=1e-5)
+    assert out["sufficient_top1"]
+    everything = faithfulness(comp, indices, values, 5, named=[0, 1, 2])
+    assert everything["sufficiency"] == pytest.approx(1.0) and everything["comprehensiveness"] > 0.9
+
+
+def test_explain_ranks_features_by_attribution_and_reports_faithfulness(context_run, tiny_frozen):
+    from interpret.explain import explain
+
+    comp = components(context_run, tiny_frozen)
+    result = explain(comp, "What is 17 + 3?", top=5)
+    assert result["next_token"] and 0 < result["confidence"] <= 1
+    attrs = [abs(f["attribution"]) for f in result["features"]]
+    assert len(attrs) == 5 and attrs == sorted(attrs, reverse=True)
+    assert 0 <= result["sufficiency"] <= 1 and 0 <= result["comprehensiveness"] <= 1
+    assert 0 < result["top10_share"] <= 1
+    assert len(result["tokens"]) == len(tiny_frozen.tokenizer("What is 17 + 3?", add_special_tokens=False)["input_ids"]) + 1
+    json.dumps(result)  # serialisable as is
+
+
+def test_clustering_groups_features_that_point_and_fire_together():
+    import scipy.sparse as sp
+
+    from interpret.cluster import cluster_features, cluster_label, similarity
+
+    d = torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0, 1.0, 0], [0, 0.05, 1.0]])
+    fires = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32))
+    sim = similarity(d, fires, weight=0.5)
+    assert sim[0, 1] == pytest.approx(0.5 * float(torch.nn.functional.cosine_similarity(d[0], d[1], dim=0)) + 0.5)
+    assert sim[2, 3] == pytest.approx(0.5 * float(torch.nn.functional.cosine_similarity(d[2], d[3], dim=0)))
+    groups = cluster_features(sim, threshold=0.5)
+    assert groups[0] == groups[1] and len({groups[0], groups[2], groups[3]}) == 3
+    assert cluster_label(["numbers in a list", "list of numbers"], []) .startswith(("numbers", "list"))
+    assert cluster_label([], [[" cat", " dog"], [" cat"]]) == "promotes 'cat', 'dog'"
