@@ -1,0 +1,137 @@
+"""`faithlens features label/score/review`: which features, which backend, which model or endpoint.
+
+The configs are saved beside the artifacts they produce, so they hold no secret: the OpenAI-compatible
+backends read their key at call time from the environment variable *named* by `--api-key-env`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from models.config import DEFAULT_MODEL
+from models.errors import ConfigError
+
+SCORERS = ("detection", "fuzzing", "embedding")
+
+
+@dataclass
+class BackendConfig:
+    """The language-model backends shared by labelling (explainer) and scoring (simulator)."""
+
+    run: Annotated[Path, tyro.conf.Positional]
+    """RUN folder; reads RUN/interpret/evidence.json and writes beside it."""
+
+    local_model: str = DEFAULT_MODEL
+    """local backend: hub id, local model directory, or embedded:smollm2-135m-instruct."""
+
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    """openai backend: base URL of an OpenAI-compatible API (…/v1; /chat/completions is appended)."""
+
+    openai_model: str = "gpt-4o-mini"
+    """openai backend: the `model` field sent with every request."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: NAME of the environment variable holding the API key (the key is never saved)."""
+
+    batch_size: int = 8
+    """Prompts per local forward/generate call, or features per openai labelling request."""
+
+    max_new_tokens: int = 24
+    """local backend: generated tokens per label."""
+
+    timeout_s: float = 60.0
+    """openai backend: seconds to wait for one HTTP response."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size: expected at least 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens: expected at least 1, got {self.max_new_tokens}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout-s: expected a positive number of seconds, got {self.timeout_s}")
+        if not self.api_key_env.replace("_", "").isalnum():
+            raise ConfigError(
+                f"--api-key-env: expected the NAME of an environment variable (like OPENAI_API_KEY), "
+                f"got {self.api_key_env!r}; the key itself is read from that variable and never passed as a flag"
+            )
+
+
+@dataclass
+class LabelConfig(BackendConfig):
+    """Label the most important SAE features from their evidence (cached; only changed features are relabelled)."""
+
+    top: int = 200
+    """Label the first N features of importance.json (else the N densest live features)."""
+
+    backend: Literal["local", "openai", "stats"] = "local"
+    """local: an HF instruct model; openai: an OpenAI-compatible endpoint; stats: tokens and n-grams, no model."""
+
+    examples: int = 8
+    """Top-activating contexts shown to the labeller per feature."""
+
+    force: bool = False
+    """Ignore the label cache and relabel every selected feature."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top < 1:
+            raise ConfigError(f"--top: expected at least 1 feature, got {self.top}")
+        if self.examples < 1:
+            raise ConfigError(f"--examples: expected at least 1 context per feature, got {self.examples}")
+
+
+@dataclass
+class ScoreConfig(BackendConfig):
+    """Score labels: detection and fuzzing by a simulator model, embedding similarity offline."""
+
+    labels: Literal["all", "local", "openai", "stats"] = "all"
+    """Score the labels of this backend (all: every backend's labels found in labels.json)."""
+
+    scorers: str = ",".join(SCORERS)
+    """Comma-separated scorers among detection, fuzzing, embedding."""
+
+    simulator: Literal["local", "openai"] = "local"
+    """Model that reads a label and judges contexts (detection, fuzzing)."""
+
+    n_examples: int = 10
+    """Contexts per class (activating and non-activating) per feature."""
+
+    seed: int = 0
+    """Seed for sampling contexts and the fuzzing decoy marks."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.scorer_list) - set(SCORERS))
+        if unknown or not self.scorer_list:
+            raise ConfigError(f"--scorers: expected a comma list of {', '.join(SCORERS)}, got {self.scorers!r}")
+        if self.n_examples < 2:
+            raise ConfigError(f"--n-examples: expected at least 2 contexts per class, got {self.n_examples}")
+
+    @property
+    def scorer_list(self) -> list[str]:
+        return [s.strip() for s in self.scorers.split(",") if s.strip()]
+
+
+@dataclass
+class ReviewConfig:
+    """Review labels by hand in the terminal: a 0–1 score per label, saved after every answer."""
+
+    run: Annotated[Path, tyro.conf.Positional]
+    """RUN folder with RUN/interpret/labels.json."""
+
+    top: int = 50
+    """Review the labels of the first N features (importance order when importance.json exists)."""
+
+    backend: Literal["all", "local", "openai", "stats"] = "all"
+    """Review only this backend's labels."""
+
+    reviewer: str = ""
+    """Name recorded with every score (default: the login name)."""
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise ConfigError(f"--top: expected at least 1 feature, got {self.top}")

@@ -1,0 +1,327 @@
+"""Labelling backends (explainers) and simulators: turn a feature's evidence into a short label, and
+judge from a label whether contexts activate the feature.
+
+Backends compute and return strings and probabilities; they neither print nor touch files. Prompts
+change with `PROMPT_VERSION`, which is recorded with every label and keys the label cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import torch
+
+from interpret.label_config import BackendConfig
+from interpret.records import Example, FeatureEvidence
+from models.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "label-v1"
+Task = Literal["detection", "fuzzing"]
+MAX_LABEL_WORDS = 12
+"""Labels are asked for in at most 8 words; longer generations are cut here."""
+
+
+class Labeler(Protocol):
+    name: str
+    model_id: str
+
+    def label(self, batch: Sequence[FeatureEvidence]) -> list[str]: ...
+
+
+class Simulator(Protocol):
+    name: str
+    model_id: str
+
+    def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
+        """P(each context activates the feature) for detection; P(the marks are correct) for fuzzing."""
+        ...
+
+
+def make_labeler(kind: str, cfg: BackendConfig, examples: int = 8):
+    """The labeller/simulator named `kind` built from the shared backend options."""
+    if kind == "stats":
+        return StatsLabeler(examples=examples)
+    if kind == "local":
+        return LocalLabeler(cfg.local_model, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                            examples=examples)
+    if kind == "openai":
+        return OpenAILabeler(cfg.openai_base_url, cfg.openai_model, cfg.api_key_env, timeout_s=cfg.timeout_s,
+                             batch_size=cfg.batch_size, examples=examples)
+    raise ConfigError(f"--backend: expected local, openai or stats, got {kind!r}")
+
+
+# -- prompt material --------------------------------------------------------------------------
+def peak_index(ex: Example) -> int:
+    return max(range(len(ex.acts)), key=lambda i: ex.acts[i]) if ex.acts else ex.center
+
+
+def mark_tokens(tokens: Sequence[str], marked: set[int] | Sequence[int]) -> str:
+    """The text with the tokens at `marked` wrapped in <<…>> (leading whitespace kept outside the marks)."""
+    marked = set(marked)
+    parts = []
+    for i, tok in enumerate(tokens):
+        if i in marked:
+            stripped = tok.lstrip()
+            parts.append(f"{tok[:len(tok) - len(stripped)]}<<{stripped}>>")
+        else:
+            parts.append(tok)
+    return "".join(parts)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _label_prompt(ev: FeatureEvidence, examples: int) -> str:
+    lines = [
+        "Below are text excerpts where one feature of a language model fires. "
+        "The token where it fires most is marked <<like this>>.",
+    ]
+    for i, ex in enumerate(ev.top[:examples], 1):
+        lines.append(f"{i}. {_one_line(mark_tokens(ex.tokens, [peak_index(ex)]))}")
+    if ev.promoted:
+        lines.append("Tokens the feature makes more likely next: " + ", ".join(repr(t) for t, _ in ev.promoted[:8]))
+    lines.append("What does the feature detect? Answer with a short label of at most 8 words and nothing else.")
+    return "\n".join(lines)
+
+
+def _judge_prompt(label: str, context: str, task: Task) -> str:
+    if task == "detection":
+        return (f"A feature of a language model is described as: {label}\n"
+                f"Text: {_one_line(context)}\n"
+                "Does the feature fire anywhere in this text? Answer Yes or No.")
+    return (f"A feature of a language model is described as: {label}\n"
+            f"In this text some tokens are marked <<like this>>: {_one_line(context)}\n"
+            "Are the marked tokens exactly where this feature fires? Answer Yes or No.")
+
+
+def clean_label(text: str) -> str:
+    """One clean line: the first non-empty line, without a 'Label:' prefix, quotes or a final period."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = re.sub(r"^(label|answer|feature)\s*[:\-]\s*", "", line, flags=re.IGNORECASE)
+    line = line.strip().strip("\"'`*").strip().rstrip(".").strip()
+    return " ".join(line.split()[:MAX_LABEL_WORDS])
+
+
+# -- stats ------------------------------------------------------------------------------------
+class StatsLabeler:
+    """No model: the tokens at the activation peaks, the commonest n-grams around them, the promoted tokens."""
+
+    name = "stats"
+    model_id = "stats"
+
+    def __init__(self, examples: int = 8, n_tokens: int = 3, n_promoted: int = 3):
+        self.examples = examples
+        self.n_tokens = n_tokens
+        self.n_promoted = n_promoted
+
+    def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:
+        return [self._label_one(ev) for ev in batch]
+
+    def _label_one(self, ev: FeatureEvidence) -> str:
+        peaks: Counter[str] = Counter()
+        ngrams: Counter[str] = Counter()
+        for ex in ev.top[:self.examples]:
+            p = peak_index(ex)
+            peaks[ex.tokens[p]] += 1
+            if p > 0:
+                ngrams["".join(ex.tokens[p - 1:p + 1])] += 1
+            if p + 1 < len(ex.tokens):
+                ngrams["".join(ex.tokens[p:p + 2])] += 1
+        parts = []
+        if peaks:
+            parts.append("tokens " + "/".join(f'"{t}"' for t, _ in peaks.most_common(self.n_tokens)))
+        if ngrams:
+            gram, _ = ngrams.most_common(1)[0]
+            parts.append(f'n-gram "{gram.strip()}"')
+        if ev.promoted:
+            parts.append("promotes " + "/".join(f'"{t.strip()}"' for t, _ in ev.promoted[:self.n_promoted]))
+        return " · ".join(parts) or "no activations"
+
+
+# -- local HF model -----------------------------------------------------------------------------
+class LocalLabeler:
+    """An HF instruct model: greedy labels from a chat prompt; as simulator P(Yes) vs P(No) in one pass."""
+
+    name = "local"
+
+    def __init__(self, model: str | object = "embedded:smollm2-135m-instruct", batch_size: int = 8,
+                 max_new_tokens: int = 24, examples: int = 8):
+        """`model`: a model spec for load_frozen, or an already loaded FrozenLM."""
+        if isinstance(model, str):
+            from models.config import ModelConfig
+            from models.loading import load_frozen
+
+            model = load_frozen(ModelConfig(model=model))
+        self.lm = model.model
+        self.tokenizer = model.tokenizer
+        self.model_id = str(model.name)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.examples = examples
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._yes_ids = self._first_token_ids(["Yes", " Yes", "yes", " yes"])
+        self._no_ids = self._first_token_ids(["No", " No", "no", " no"])
+
+    def _first_token_ids(self, words: list[str]) -> list[int]:
+        return sorted({self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
+
+    def _prompt(self, user: str, answer_prefix: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": user}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{user}\n{answer_prefix}"
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = "left"  # generation and last-position logits need the prompt end aligned
+        # chat templates already carry the BOS/special tokens
+        add_special = not getattr(self.tokenizer, "chat_template", None)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        device = next(self.lm.parameters()).device
+        return {k: v.to(device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:
+        prompts = [self._prompt(_label_prompt(ev, self.examples), "Label:") for ev in batch]
+        labels = []
+        for i in range(0, len(prompts), self.batch_size):
+            enc = self._encode(prompts[i:i + self.batch_size])
+            out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                   pad_token_id=self.tokenizer.pad_token_id)
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+                label = clean_label(text)
+                if not label:
+                    log.warning("local labeller produced an empty label (raw output %r)", text)
+                labels.append(label or "(no label)")
+        return labels
+
+    @torch.no_grad()
+    def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
+        prompts = [self._prompt(_judge_prompt(label, c, task), "Answer:") for c in contexts]
+        probs: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            enc = self._encode(prompts[i:i + self.batch_size])
+            logits_BV = self.lm(**enc).logits[:, -1].float()
+            yes_B = torch.logsumexp(logits_BV[:, self._yes_ids], dim=-1)
+            no_B = torch.logsumexp(logits_BV[:, self._no_ids], dim=-1)
+            probs += torch.sigmoid(yes_B - no_B).tolist()
+        return probs
+
+
+# -- OpenAI-compatible endpoint -------------------------------------------------------------------
+class OpenAILabeler:
+    """Any OpenAI-compatible /chat/completions endpoint, through the standard library only."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
+                 batch_size: int = 8, examples: int = 8):
+        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        self.model_id = model
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+        self.batch_size = batch_size
+        self.examples = examples
+        self._api_key()  # fail before any work when the key is missing
+
+    def _api_key(self) -> str:
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(
+                f"--api-key-env: the environment variable {self.api_key_env} is not set (or empty); "
+                f"export it with the API key for {self.endpoint}"
+            )
+        return key
+
+    def chat(self, user: str, max_tokens: int = 256) -> str:
+        body = json.dumps({"model": self.model_id, "temperature": 0, "max_tokens": max_tokens,
+                           "messages": [{"role": "user", "content": user}]}).encode()
+        request = urllib.request.Request(self.endpoint, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {self._api_key()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                payload = json.loads(response.read().decode())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            raise ConfigError(f"{self.endpoint}: HTTP {e.code} {e.reason}: {detail}") from e
+        except urllib.error.URLError as e:
+            raise ConfigError(f"{self.endpoint}: cannot reach the endpoint ({e.reason}); check --openai-base-url") from e
+        except TimeoutError as e:
+            raise ConfigError(f"{self.endpoint}: no answer within --timeout-s {self.timeout_s}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{self.endpoint}: the answer is not JSON ({e})") from e
+        try:
+            return payload["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as e:
+            raise ConfigError(f"{self.endpoint}: unexpected answer shape (no choices[0].message.content)") from e
+
+    def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:
+        labels: list[str] = []
+        for i in range(0, len(batch), self.batch_size):
+            labels += self._label_batch(batch[i:i + self.batch_size])
+        return labels
+
+    def _label_batch(self, batch: Sequence[FeatureEvidence]) -> list[str]:
+        if len(batch) == 1:
+            return [clean_label(self.chat(_label_prompt(batch[0], self.examples), max_tokens=40)) or "(no label)"]
+        sections = [f"### Feature {i}\n{_label_prompt(ev, self.examples)}" for i, ev in enumerate(batch, 1)]
+        user = ("Label each feature below.\n\n" + "\n\n".join(sections) +
+                f"\n\nReply with only a JSON object mapping each feature number (1 to {len(batch)}) to its label.")
+        answer = _parse_json(self.chat(user, max_tokens=40 * len(batch)), dict) or {}
+        labels = []
+        for i, ev in enumerate(batch, 1):
+            label = clean_label(str(answer.get(str(i), answer.get(i, ""))))
+            if not label:  # the batch answer missed this one: ask for it alone
+                log.info("feature %d missing from the batched answer; asking for it alone", ev.feature)
+                label = self._label_batch([ev])[0]
+            labels.append(label)
+        return labels
+
+    def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
+        question = ("Does the feature fire anywhere in the text?" if task == "detection"
+                    else "Are the tokens marked <<like this>> exactly where the feature fires?")
+        numbered = "\n".join(f"{i}. {_one_line(c)}" for i, c in enumerate(contexts, 1))
+        user = (f"A feature of a language model is described as: {label}\n{question}\n\n{numbered}\n\n"
+                f"Reply with only a JSON list of {len(contexts)} numbers, one per text in order: "
+                "the probability (0 to 1) that the answer is yes.")
+        values = _parse_json(self.chat(user, max_tokens=8 * len(contexts) + 16), list)
+        if values is None or len(values) != len(contexts):
+            log.warning("simulator answer for %r had %s values for %d texts; missing ones count as 0.5",
+                        label, "no" if values is None else len(values), len(contexts))
+            values = list(values or [])[:len(contexts)]
+            values += [0.5] * (len(contexts) - len(values))
+        return [_as_probability(v) for v in values]
+
+
+def _parse_json(text: str, kind: type):
+    """The first JSON value of type `kind` in `text` (tolerating code fences and prose around it)."""
+    opener = "{" if kind is dict else "["
+    for start in (m.start() for m in re.finditer(re.escape(opener), text)):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, kind):
+            return value
+    return None
+
+
+def _as_probability(v) -> float:
+    if isinstance(v, str):
+        v = {"yes": 1.0, "no": 0.0, "true": 1.0, "false": 0.0}.get(v.strip().lower(), v)
+    try:
+        return min(1.0, max(0.0, float(v)))
+    except (TypeError, ValueError):
+        return 0.5
