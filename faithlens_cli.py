@@ -48,6 +48,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                         "Review labels by hand in the terminal (scores 0-1 stored beside the automatic ones)."),
     "features cluster": ("interpret.cluster", "interpret.config:ClusterConfig", "run_cluster",
                          "Cluster features by decoder-direction cosine and co-activation, with cluster labels."),
+    "features explainer": ("interpret.explainer", "interpret.config:ExplainerConfig", "run_explainer",
+                           "Train the explanation decoder (features -> short text) on pairs built from the labels."),
     "explain": ("interpret.explain", "interpret.config:ExplainConfig", "run_explain",
                 "Explain the next-token prediction for TEXT: features by attribution, labels, faithfulness, dashboards."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",

@@ -144,3 +144,25 @@ class ExplainConfig(ModelConfig):
             raise ConfigError("TEXT: expected a non-empty input to explain, e.g. faithlens explain \"What is 17 + 3?\" --run RUN")
         if self.top < 1:
             raise ConfigError(f"--top: expected at least 1 feature, got {self.top}")
+
+
+@dataclass
+class ExplainerConfig(RunConfig):
+    positions: int = 20_000
+    """Training pairs (token positions from the evidence scan that have at least one labelled feature active)."""
+
+    names: int = 2
+    """Labels per target text: those of the most strongly active labelled features at the position."""
+
+    steps: int = 1_500
+    """Optimizer steps."""
+
+    batch_size: int = 128
+    hidden: int = 192
+    """Width of the feature embedding and the GRU."""
+
+    lr: float = 3e-3
+    eval_fraction: float = 0.1
+    """Held-out share of the pairs, for exact-match and word-F1."""
+
+    seed: int = 0

@@ -82,9 +82,10 @@ def test_importance_ranks_features_and_checks_them_by_ablation(readout_run, tiny
     assert "spliced" in v and all(np.isfinite(v["spliced"]["ablation"]))
 
 
-def test_evidence_examples_point_at_real_activations(context_run, tiny_frozen):
+@pytest.fixture(scope="module")
+def context_evidence(context_run, tiny_frozen):
     from interpret.config import EvidenceConfig
-    from interpret.evidence import Evidence, build_evidence, load_evidence, save_evidence
+    from interpret.evidence import build_evidence, save_evidence
     from interpret.run import InterpretRun
 
     comp = components(context_run, tiny_frozen)
@@ -92,6 +93,15 @@ def test_evidence_examples_point_at_real_activations(context_run, tiny_frozen):
                          context=4, top_examples=5, quantile_examples=3, negative_examples=4, batch_size=8)
     meta, tensors = build_evidence(cfg, comp, progress=False)
     save_evidence(InterpretRun(context_run), meta, tensors)
+    return meta
+
+
+def test_evidence_examples_point_at_real_activations(context_run, context_evidence, tiny_frozen):
+    from interpret.evidence import Evidence, load_evidence
+    from interpret.run import InterpretRun
+
+    comp = components(context_run, tiny_frozen)
+    meta = context_evidence
     ev = load_evidence(InterpretRun(context_run))
     assert isinstance(ev, Evidence) and len(ev) == meta["live"] > 0
     densities = []
@@ -167,3 +177,21 @@ def test_clustering_groups_features_that_point_and_fire_together():
     assert groups[0] == groups[1] and len({groups[0], groups[2], groups[3]}) == 3
     assert cluster_label(["numbers in a list", "list of numbers"], []) .startswith(("numbers", "list"))
     assert cluster_label([], [[" cat", " dog"], [" cat"]]) == "promotes 'cat', 'dog'"
+
+
+def test_explanation_decoder_learns_to_name_the_labels_of_active_features(context_run, context_evidence):
+    from interpret.config import ExplainerConfig
+    from interpret.explainer import ExplanationDecoder, train_explainer
+    from interpret.run import InterpretRun
+
+    run = InterpretRun(context_run)
+    names = ["digits", "question words", "punctuation", "capital letters", "common words", "spaces"]
+    labels = {f: names[f % len(names)] + f" {f % 3}" for f in range(0, 64, 2)}  # half the features labelled
+    cfg = ExplainerConfig(run=context_run, positions=2000, names=1, steps=300, hidden=64, batch_size=64)
+    model, metrics = train_explainer(cfg, labels, run, progress=False)
+    assert metrics["eval_pairs"] == int(metrics["pairs"] * 0.1) > 100
+    assert metrics["word_f1"] > 0.6, metrics["samples"]
+    model.save(run.explainer)
+    again = ExplanationDecoder.load(run.explainer)
+    idx, val = torch.tensor([[0, 1, 3]]), torch.tensor([[5.0, 0.0, 0.0]])
+    assert again.generate(idx, val) == model.generate(idx, val)

@@ -1,0 +1,184 @@
+"""Method 2 of `explain`: an explanation decoder, features of one position → a short text.
+
+Pairs come from the evidence scan: at each sampled position, the target text names the labels of the
+`--names` most strongly active labelled features there ("label a; label b"). The model embeds the
+position's sparse features (an EmbeddingBag weighted by activation) into the initial state of a GRU
+that writes the text word by word. Held-out pairs measure it: exact match and word-level F1 of the
+greedy text against the target. `faithlens features explainer RUN` trains it into RUN/interpret/explainer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from interpret.config import ExplainerConfig
+from interpret.run import InterpretRun
+from models.io import atomic_path, write_json_atomic
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+PAD, BOS, EOS, UNK = range(4)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[\w'-]+|[^\w\s]", text.lower())
+
+
+class ExplanationDecoder(nn.Module):
+    def __init__(self, num_latents: int, vocab: list[str], hidden: int, max_words: int = 24):
+        super().__init__()
+        self.vocab, self.max_words = vocab, max_words
+        self.index = {w: i for i, w in enumerate(vocab)}
+        self.features = nn.EmbeddingBag(num_latents, hidden, mode="sum")
+        self.to_state = nn.Linear(hidden, hidden)
+        self.embed = nn.Embedding(len(vocab), hidden, padding_idx=PAD)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, len(vocab))
+
+    def encode_text(self, text: str) -> list[int]:
+        return [BOS, *(self.index.get(w, UNK) for w in words(text))][: self.max_words - 1] + [EOS]
+
+    def _state(self, indices_NK: Tensor, values_NK: Tensor) -> Tensor:
+        return torch.tanh(self.to_state(self.features(indices_NK, per_sample_weights=values_NK.float())))[None]
+
+    def forward(self, indices_NK: Tensor, values_NK: Tensor, words_NL: Tensor) -> Tensor:
+        out, _ = self.gru(self.embed(words_NL), self._state(indices_NK, values_NK))
+        return self.out(out)
+
+    @torch.no_grad()
+    def generate(self, indices_NK: Tensor, values_NK: Tensor) -> list[str]:
+        h = self._state(indices_NK, values_NK)
+        tok = torch.full((indices_NK.shape[0], 1), BOS)
+        outs: list[list[str]] = [[] for _ in range(indices_NK.shape[0])]
+        done = torch.zeros(indices_NK.shape[0], dtype=torch.bool)
+        for _ in range(self.max_words):
+            o, h = self.gru(self.embed(tok), h)
+            tok = self.out(o[:, -1]).argmax(-1, keepdim=True)
+            for i, t in enumerate(tok[:, 0].tolist()):
+                if not done[i] and t not in (EOS, PAD):
+                    outs[i].append(self.vocab[t])
+            done |= tok[:, 0] == EOS
+            if done.all():
+                break
+        return [_join(o) for o in outs]
+
+    def save(self, directory) -> None:
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / "explainer.safetensors"))
+            (tmp / "explainer.json").write_text(json.dumps({"vocab": self.vocab, "hidden": self.to_state.in_features,
+                                                            "num_latents": self.features.num_embeddings,
+                                                            "max_words": self.max_words}))
+
+    @classmethod
+    def load(cls, directory) -> "ExplanationDecoder":
+        meta = json.loads((directory / "explainer.json").read_text())
+        model = cls(meta["num_latents"], meta["vocab"], meta["hidden"], meta["max_words"])
+        model.load_state_dict(load_file(str(directory / "explainer.safetensors")))
+        return model.eval()
+
+    def describe(self, comp, text: str, chat: bool = False) -> str:
+        from interpret.explain import encode_input
+
+        ids = encode_input(comp, text, chat)
+        h = comp.frozen.residuals(ids, [comp.layer])[comp.layer].float()
+        indices, values = comp.features(h)
+        return self.generate(indices[0, -1:], values[0, -1:])[0]
+
+
+def _join(ws: list[str]) -> str:
+    return re.sub(r"\s+([^\w\s'-])", r"\1", " ".join(ws))
+
+
+def word_f1(pred: str, ref: str) -> float:
+    p, r = words(pred), words(ref)
+    common = sum(min(p.count(w), r.count(w)) for w in set(p))
+    if not p or not r or common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str]]:
+    """(indices_NK, values_NK, texts) for positions with at least one labelled feature active."""
+    t = load_file(str(run.dir / "evidence.safetensors"))
+    idx = t["codes.indices"].flatten(0, 1).long()
+    val = t["codes.values"].flatten(0, 1).float()
+    labelled = torch.zeros(int(idx.max()) + 1 if len(labels) == 0 else max(int(idx.max()), max(labels)) + 1, dtype=torch.bool)
+    labelled[torch.tensor(sorted(labels), dtype=torch.long)] = True
+    strength = val * labelled[idx]
+    ok = (strength > 0).any(-1).nonzero().flatten()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    chosen = ok[torch.randperm(len(ok), generator=gen)[: cfg.positions]]
+    texts = []
+    for row in chosen.tolist():
+        order = strength[row].argsort(descending=True)[: cfg.names]
+        names = [labels[int(idx[row, j])] for j in order.tolist() if strength[row, j] > 0]
+        texts.append("; ".join(dict.fromkeys(names)))
+    return idx[chosen], val[chosen], texts
+
+
+def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: InterpretRun, progress: bool = True) -> tuple[ExplanationDecoder, dict]:
+    torch.manual_seed(cfg.seed)
+    indices, values, texts = build_pairs(run, labels, cfg)
+    if len(texts) < 10:
+        from models.errors import ConfigError
+
+        raise ConfigError(f"features explainer: only {len(texts)} positions have a labelled feature; label more features first")
+    n_eval = max(1, int(len(texts) * cfg.eval_fraction))
+    counts: dict[str, int] = {}
+    for text in texts[n_eval:]:
+        for w in words(text):
+            counts[w] = counts.get(w, 0) + 1
+    vocab = SPECIALS + sorted(counts)
+    num_latents = int(json.loads(run.evidence.read_text())["num_latents"])
+    model = ExplanationDecoder(num_latents, vocab, cfg.hidden)
+    encoded = [model.encode_text(t) for t in texts]
+    L = max(len(e) for e in encoded)
+    target = torch.full((len(texts), L), PAD)
+    for i, e in enumerate(encoded):
+        target[i, : len(e)] = torch.tensor(e)
+    train = torch.arange(n_eval, len(texts))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    losses = []
+    for step in tqdm(range(cfg.steps), desc="explainer", unit="step", disable=not progress):
+        b = train[torch.randint(len(train), (cfg.batch_size,))]
+        logits = model(indices[b], values[b], target[b, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), target[b, 1:].flatten(), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    preds = []
+    for start in range(0, n_eval, 512):
+        preds += model.generate(indices[start : min(n_eval, start + 512)], values[start : min(n_eval, start + 512)])
+    refs = [_join(words(t)) for t in texts[:n_eval]]
+    metrics = {"pairs": len(texts), "eval_pairs": n_eval, "vocab": len(vocab), "final_loss": float(np.mean(losses[-50:])),
+               "exact_match": float(np.mean([p == r for p, r in zip(preds, refs)])),
+               "word_f1": float(np.mean([word_f1(p, r) for p, r in zip(preds, refs)])),
+               "samples": [{"reference": r, "generated": p} for p, r in list(zip(preds, refs))[:5]]}
+    return model, metrics
+
+
+def run_explainer(cfg: ExplainerConfig) -> dict:
+    from interpret.labels import load_labels
+
+    run = InterpretRun(cfg.run)
+    run.require(run.labels, "features label")
+    model, metrics = train_explainer(cfg, load_labels(run), run)
+    model.save(run.explainer)
+    write_json_atomic(run.explainer.parent / "explainer_metrics.json", {**metrics, "config": {k: str(v) for k, v in asdict(cfg).items()}})
+    print(f"explanation decoder: held-out exact match {metrics['exact_match']:.3f}, word F1 {metrics['word_f1']:.3f} "
+          f"on {metrics['eval_pairs']} pairs -> {run.explainer}")
+    return metrics
