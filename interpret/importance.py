@@ -117,7 +117,8 @@ def compute_importance(cfg: ImportanceConfig, comp: Components, progress: bool =
     first = None
     for i in tqdm(range(n_batches), desc="attribution", unit="batch", disable=not progress):
         ids = torch.from_numpy(np.stack(seqs[i * cfg.batch_size : (i + 1) * cfg.batch_size])).long()
-        batch = _Batch(comp, ids, cfg.target, need_teacher or cfg.spliced)
+        splice_now = cfg.spliced and n_spliced < cfg.spliced_tokens
+        batch = _Batch(comp, ids, cfg.target, need_teacher or splice_now)
         first = first or batch
         _, attr = decoder_attribution(comp, batch.indices, batch.values, batch.targets, batch.weight, cfg.target, batch.teacher)
         idx = batch.indices.flatten().long()
@@ -126,7 +127,7 @@ def compute_importance(cfg: ImportanceConfig, comp: Components, progress: bool =
         fires.index_add_(0, idx, ((batch.values > 0) * batch.weight[..., None]).flatten().double())
         n_tokens += int(batch.weight.sum().item())
         shares += _token_shares(comp, batch, cfg, max(0, cfg.share_targets // n_batches + 1), rng)
-        if cfg.spliced and n_spliced < cfg.spliced_tokens:
+        if splice_now:
             frozen_targets = batch.teacher.argmax(-1)
             _, attr_s = spliced_attribution(comp, ids, batch.h, batch.indices, batch.values, frozen_targets, batch.weight,
                                             cfg.target, batch.teacher if need_teacher else None)
