@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "label-v1"
 Task = Literal["detection", "fuzzing"]
+LOCAL_LABEL_PREFIX = "Common theme:"
+"""Start of the local model's answer (prefilled in the assistant turn)."""
 MAX_LABEL_WORDS = 12
 """Labels are asked for in at most 8 words; longer generations are cut here."""
 
@@ -109,7 +111,10 @@ def clean_label(text: str) -> str:
     """One clean line: the first non-empty line, without a 'Label:' prefix, quotes or a final period."""
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     line = re.sub(r"^(label|answer|feature)\s*[:\-]\s*", "", line, flags=re.IGNORECASE)
-    line = line.strip().strip("\"'`*").strip().rstrip(".").strip()
+    line = line.strip().strip("*").strip().rstrip(".")
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`" and line[0] not in line[1:-1]:
+        line = line[1:-1]  # one quoted phrase; keep quotes that delimit several
+    line = line.rstrip(".").strip()
     return " ".join(line.split()[:MAX_LABEL_WORDS])
 
 
@@ -144,8 +149,10 @@ class StatsLabeler:
         if ngrams:
             gram, _ = ngrams.most_common(1)[0]
             parts.append(f'n-gram "{gram.strip()}"')
-        if ev.promoted:
-            parts.append("promotes " + "/".join(f'"{t.strip()}"' for t, _ in ev.promoted[:self.n_promoted]))
+        # byte fragments and bare whitespace say nothing once quoted in a label
+        promoted = [t.strip() for t, _ in ev.promoted if t.strip() and "\ufffd" not in t][:self.n_promoted]
+        if promoted:
+            parts.append("promotes " + "/".join(f'"{t}"' for t in promoted))
         return " · ".join(parts) or "no activations"
 
 
@@ -177,10 +184,11 @@ class LocalLabeler:
     def _first_token_ids(self, words: list[str]) -> list[int]:
         return sorted({self.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words})
 
-    def _prompt(self, user: str, answer_prefix: str) -> str:
+    def _prompt(self, user: str, answer_prefix: str, chat_prefix: str = "") -> str:
+        """The chat-templated prompt (assistant turn opened, starting with `chat_prefix`), or plain text."""
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": user}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + chat_prefix
         return f"{user}\n{answer_prefix}"
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -193,7 +201,8 @@ class LocalLabeler:
 
     @torch.no_grad()
     def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:
-        prompts = [self._prompt(_label_prompt(ev, self.examples), "Label:") for ev in batch]
+        # small instruct models answer with the instructions themselves unless the answer is started for them
+        prompts = [self._prompt(_label_prompt(ev, self.examples), "Label:", LOCAL_LABEL_PREFIX) for ev in batch]
         labels = []
         for i in range(0, len(prompts), self.batch_size):
             enc = self._encode(prompts[i:i + self.batch_size])

@@ -23,7 +23,6 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from scipy.stats import rankdata
 
 from interpret.label_config import ScoreConfig
 from interpret.labelers import Simulator, make_labeler, mark_tokens
@@ -56,9 +55,23 @@ def auroc(y_true: Sequence[bool], scores: Sequence[float]) -> float:
     n_neg = len(y_true) - n_pos
     if not n_pos or not n_neg:
         raise ValueError("AUROC needs at least one positive and one negative example")
-    ranks = rankdata(scores)
-    rank_sum = sum(r for r, y in zip(ranks, y_true) if y)
+    rank_sum = sum(r for r, y in zip(_average_ranks(scores), y_true) if y)
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for j in range(start, end + 1):
+            ranks[order[j]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
 
 
 # -- context sampling ---------------------------------------------------------------------------------

@@ -142,6 +142,8 @@ def test_markup_and_quotes_in_evidence_are_stored_verbatim(tmp_path):
 
 def test_clean_label_keeps_one_short_line():
     assert clean_label('\n  Label: "Animal nouns, esp. cats."\nmore text') == "Animal nouns, esp. cats"
+    assert clean_label(" \"cat\" and \"dog\"\n\nThe token") == "\"cat\" and \"dog\""
+    assert clean_label("**\"cats\".**") == "cats"
     assert len(clean_label("word " * 40).split()) == 12
 
 
@@ -357,7 +359,7 @@ def test_review_saves_each_answer_and_resumes(tmp_path):
 # -- the real embedded model ----------------------------------------------------------------------
 @pytest.mark.embedded
 def test_local_labeler_on_embedded_model(embedded_frozen):
-    labeler = LocalLabeler(embedded_frozen, batch_size=2, max_new_tokens=16)
+    labeler = LocalLabeler(embedded_frozen, batch_size=2, max_new_tokens=12)
     labels = labeler.label([feature(1, "cat"), feature(2, "river")])
     assert len(labels) == 2
     for label in labels:
