@@ -98,7 +98,7 @@ def test_label_cache_skips_unchanged_features(tmp_path):
 
 
 def test_top_falls_back_to_densest_live_features(tmp_path):
-    run = write_evidence(tmp_path, [feature(1, "cat", 0.01), feature(2, "dog", 0.2), feature(3, "bird", 0.0)])
+    write_evidence(tmp_path, [feature(1, "cat", 0.01), feature(2, "dog", 0.2), feature(3, "bird", 0.0)])
     out = run_label(LabelConfig(run=tmp_path, backend="stats", top=5))
     assert out["features"] == [2, 1]  # densest first; the dead feature 3 is not labelled
 
