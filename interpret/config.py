@@ -137,7 +137,22 @@ class ExplainConfig(ModelConfig):
     """Wrap the text in the model's chat template (as a user turn) before explaining."""
 
     llm: bool = False
-    """Method 3: verbalise the explanation with the labelling backend (local model by default)."""
+    """Method 3: have an LLM word the ranked features as one or two sentences."""
+
+    llm_backend: Literal["local", "openai"] = "local"
+    """Which LLM words it: the local instruct model (default: the run's own frozen model) or an OpenAI-compatible endpoint."""
+
+    local_model: str = ""
+    """Local instruct model for --llm (empty = the run's frozen model)."""
+
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    """OpenAI-compatible endpoint for --llm-backend openai."""
+
+    openai_model: str = "gpt-4o-mini"
+    """Model name sent to the endpoint."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the endpoint's key (the key itself is never stored)."""
 
     def __post_init__(self):
         if not self.text.strip():

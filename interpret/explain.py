@@ -197,7 +197,8 @@ def run_explain(cfg: ExplainConfig) -> dict:
     if cfg.llm:
         from interpret.verbalise import verbalise
 
-        result["explanations"]["llm"] = verbalise(result, comp)
+        result["explanations"]["llm"] = verbalise(result, comp, cfg.llm_backend, cfg.local_model or None, cfg.openai_base_url,
+                                                  cfg.openai_model, cfg.api_key_env)
     console = Console()
     if cfg.json:
         print(json.dumps(result, ensure_ascii=False))

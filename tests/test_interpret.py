@@ -195,3 +195,27 @@ def test_explanation_decoder_learns_to_name_the_labels_of_active_features(contex
     again = ExplanationDecoder.load(run.explainer)
     idx, val = torch.tensor([[0, 1, 3]]), torch.tensor([[5.0, 0.0, 0.0]])
     assert again.generate(idx, val) == model.generate(idx, val)
+
+
+def test_explain_cli_prints_the_json_contract_and_writes_the_html(context_run, context_evidence, tiny_frozen, tmp_path, capsys):
+    from faithlens_cli import main
+
+    html = tmp_path / "out.html"
+    code = main(["explain", "What is 17 + 3?", "--run", str(context_run), "--model", str(tiny_frozen.name),
+                 "--json", "--html", str(html), "--top", "4"])
+    assert code == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    for key in ("next_token", "confidence", "features", "sufficiency", "comprehensiveness"):
+        assert key in result
+    assert len(result["features"]) == 4
+    assert all({"id", "label", "activation", "attribution"} <= set(f) for f in result["features"])
+    assert all(f["examples"] for f in result["features"])  # evidence of the run is shown with each feature
+    assert str(html) in captured.err and html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_explain_rejects_an_empty_text(context_run, capsys):
+    from faithlens_cli import main
+
+    assert main(["explain", "  ", "--run", str(context_run)]) == 2
+    assert "TEXT" in capsys.readouterr().err
