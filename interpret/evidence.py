@@ -109,6 +109,7 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
     tensors = {"tokens": tokens_ST.to(torch.int32), "codes.indices": torch.cat(codes_idx), "codes.values": torch.cat(codes_val),
                "pool": pool}
     fired_PF = _window_firing(tensors, pool, cfg.context, F_)
+    center_PF = _window_firing(tensors, pool, 0, F_)
     features = {}
     for f in tqdm(live, desc="evidence examples", unit="feature", disable=not progress):
         top = [int(p) for v, p in zip(scan.top_val[f].tolist(), scan.top_pos[f].tolist()) if p >= 0 and v > 0]
@@ -119,7 +120,12 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
         nq = min(cfg.quantile_examples, len(res))
         qs = [(i + 0.5) / nq for i in range(nq)]
         quant = [[int(res[int(q * len(res))]), q] for q in qs]
+        # contexts where the feature never fires; dense features rarely have them, so fall back to
+        # contexts where it does not fire at the shown position
         negatives = (~fired_PF[:, f]).nonzero().flatten()[: cfg.negative_examples].tolist()
+        if len(negatives) < cfg.negative_examples:
+            extra = (fired_PF[:, f] & ~center_PF[:, f]).nonzero().flatten()
+            negatives += extra[: cfg.negative_examples - len(negatives)].tolist()
         counts, edges = np.histogram(res_vals.numpy(), bins=20, range=(0.0, float(scan.act_max[f]) or 1.0))
         features[str(f)] = {
             "feature": f, "density": scan.fires[f].item() / n_scored, "max_activation": float(scan.act_max[f]),
