@@ -52,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                            "Train the explanation decoder (features -> short text) on pairs built from the labels."),
     "explain": ("interpret.explain", "interpret.config:ExplainConfig", "run_explain",
                 "Explain the next-token prediction for TEXT: features by attribution, labels, faithfulness, dashboards."),
+    "eval": ("interpret.report", "interpret.config:EvalConfig", "run_eval",
+             "The success-metrics table of a run (targets, measured values, baselines) with JSON, markdown and PNG plots."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
 }

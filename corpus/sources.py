@@ -36,9 +36,19 @@ class Source:
     def kind(self) -> str:
         if self.spec in BUILTINS:
             return self.spec
+        if self.spec.startswith("builtin:tasks:"):  # a subset of the suites, e.g. builtin:tasks:boolean+copying
+            return "builtin:tasks"
         if self.spec.startswith("hf:"):
             return "hf"
         return "folder" if Path(self.spec).expanduser().is_dir() else "file"
+
+    @property
+    def suites(self) -> tuple[str, ...]:
+        """The task suites of a builtin:tasks[:A+B] source."""
+        from corpus.tasks import SUITES
+
+        names = tuple(n for n in self.spec.removeprefix("builtin:tasks").lstrip(":").split("+") if n)
+        return names or tuple(SUITES)
 
     @property
     def finite(self) -> bool:
@@ -80,8 +90,15 @@ def parse_sources(spec: str, flag: str = "--data") -> list[Source]:
         if weight <= 0:
             raise ConfigError(f"{flag}: weight of {name!r} must be positive, got {weight}")
         source = Source(name.strip(), weight)
-        if name.startswith("builtin:") and name not in BUILTINS:
-            raise ConfigError(f"{flag}: unknown builtin source {name!r}; known: {', '.join(BUILTINS)}")
+        if name.startswith("builtin:") and source.kind not in BUILTINS:
+            raise ConfigError(f"{flag}: unknown builtin source {name!r}; known: {', '.join(BUILTINS)} "
+                              "(and builtin:tasks:SUITE+SUITE)")
+        if source.kind == "builtin:tasks":
+            from corpus.tasks import SUITES
+
+            unknown = [n for n in source.suites if n not in SUITES]
+            if unknown:
+                raise ConfigError(f"{flag}: unknown task suite(s) {', '.join(unknown)} in {name!r}; known: {', '.join(SUITES)}")
         if source.kind == "file":
             path = Path(source.spec).expanduser()
             if not path.exists():
@@ -98,7 +115,7 @@ def iter_documents(source: Source, cfg: CorpusConfig, frozen=None) -> Iterator[s
     """The documents of one source, in a deterministic order."""
     kind = source.kind
     if kind == "builtin:tasks":
-        for example in generate_tasks(cfg.seed):
+        for example in generate_tasks(cfg.seed, source.suites):
             yield example.text()
     elif kind == "builtin:self":
         if frozen is None:
@@ -204,7 +221,7 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
 def task_examples_for(source: Source, seed: int, n: int):
     """Task examples of a builtin or GSM8K-style jsonl source, for accuracy evaluations."""
     if source.kind == "builtin:tasks":
-        gen = generate_tasks(seed)
+        gen = generate_tasks(seed, source.suites)
         return [next(gen) for _ in range(n)]
     if source.kind == "file" and source.spec.endswith(".jsonl"):
         return load_task_file(Path(source.spec).expanduser())[:n]

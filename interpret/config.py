@@ -181,3 +181,54 @@ class ExplainerConfig(RunConfig):
     """Held-out share of the pairs, for exact-match and word-F1."""
 
     seed: int = 0
+
+
+@dataclass
+class EvalConfig(CorpusConfig, RunConfig):
+    data: str = ""
+    """In-domain text (its eval split is scored); empty = the data the run's decoder was trained on."""
+
+    tokens: int = 8_192
+    """Held-out token positions for KL / top-1 / L0 / FVU (in and out of domain each)."""
+
+    split: Literal["train", "eval", "ood"] = "eval"
+    """Split of --data scored as in-domain."""
+
+    ood: str = ""
+    """Out-of-domain source (a whole domain held out from training, e.g. builtin:tasks:boolean+copying or a GSM8K
+    jsonl); empty = the run's recorded held-out domain, if any."""
+
+    tasks: str = "arithmetic,comparison,counting,boolean,copying"
+    """Task suites for the accuracy row (builtin names, gsm8k[:PATH], boolq[:PATH], squad[:PATH])."""
+
+    task_examples: int = 30
+    """Examples per task suite."""
+
+    task_mode: Literal["generate", "teacher_forced"] = "generate"
+    """generate: each model writes its answer (the decoder picks every token); teacher_forced: exact match of the answer tokens."""
+
+    prompt_format: Literal["auto", "chat", "bare"] = "auto"
+    """chat: the model's chat template (instruct models answer in it); bare: 'Question: …\\nAnswer:'; auto: chat when the
+    tokenizer has a template."""
+
+    ppo: Path | None = None
+    """A PPO run (or decoder folder) to compare with the supervised decoder; default RUN/ppo if present."""
+
+    lens: Path | None = None
+    """A tuned lens folder; default RUN/lens if present."""
+
+    batch_size: int = 4
+    """Sequences per forward pass."""
+
+    json: bool = False
+    """Print one JSON object ({rows, baselines, ...}) instead of the table."""
+
+    plots: Path | None = None
+    """Folder for the PNG plots (default RUN/eval/plots)."""
+
+    def __post_init__(self):
+        RunConfig.__post_init__(self)
+        if self.data:
+            CorpusConfig.__post_init__(self)
+        if self.task_examples < 0:
+            raise ConfigError(f"--task-examples: expected 0 or more, got {self.task_examples}")
