@@ -23,7 +23,7 @@ class InterpretRun:
     # -- inputs -------------------------------------------------------------------------
     @property
     def decoder_dir(self) -> Path:
-        for d in (self.root / "decoder", self.root):
+        for d in (self.root / "decoder", self.root / "distill" / "decoder", self.root):
             if (d / "decoder.json").is_file():
                 return d
         raise ConfigError(

@@ -221,3 +221,49 @@ def test_explain_rejects_an_empty_text(context_run, capsys):
 
     assert main(["explain", "  ", "--run", str(context_run)]) == 2
     assert "TEXT" in capsys.readouterr().err
+
+
+HOSTILE = ('The page said <script>alert("pwned")</script> and then "quoted" text with \'single\' quotes. '
+           '<img src=x onerror=alert(1)> 17 + 3 = 20. ')
+
+
+def test_hostile_corpus_goes_through_labels_and_dashboard_without_executing(tiny_frozen, tmp_path):
+    """A corpus with <script> and quotes → evidence → stats labels → explain --html → a real browser: nothing runs."""
+    from faithlens_cli import main
+    from interpret.labels import load_labels
+    from interpret.run import InterpretRun
+    from tests.test_dashboard import _browser_or_skip
+
+    run = make_run(tiny_frozen, tmp_path / "run", arch="context")
+    corpus = tmp_path / "hostile.txt"
+    corpus.write_text("\n\n".join([HOSTILE] * 60))
+    model = ["--model", str(tiny_frozen.name)]
+    assert main(["features", "evidence", str(run), *model, "--data", str(corpus), "--tokens", "3000", "--seq-len", "32",
+                 "--context", "6"]) == 0
+    assert main(["features", "label", str(run), "--top", "30", "--backend", "stats"]) == 0
+    labels = load_labels(InterpretRun(run))
+    assert any("<" in text or '"' in text for text in labels.values())  # data-derived markup really reached the labels
+    html = tmp_path / "explain.html"
+    assert main(["explain", 'What is <script>alert("x")</script> 17 + 3?', "--run", str(run), *model,
+                 "--html", str(html)]) == 0
+
+    chromium, sync_playwright = _browser_or_skip()
+    dialogs = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(html.as_uri())
+            n_tokens = page.locator(".tok").count()
+            assert n_tokens > 5
+            for pos in range(1, n_tokens):
+                page.hover(f'.tok[data-pos="{pos}"]')
+                shown = page.locator("#token-features .lbl").all_inner_texts()
+                if any(text != "unlabelled" for text in shown):
+                    break
+            assert any(text in labels.values() for text in shown), shown  # the hovered token's labelled features appear
+            assert page.locator("img").count() == 0 and page.evaluate("typeof window.__pwned") == "undefined"
+        finally:
+            browser.close()
+    assert dialogs == []
