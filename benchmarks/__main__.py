@@ -59,7 +59,13 @@ class BenchConfig:
     ppo_batch: int = 1024
     """Env steps per PPO iteration in the RL benchmark."""
 
-    stages: str = "foundation,sae,distill,rl"
+    interpret_tokens: int = 2048
+    """Predictions attributed in the interpretation benchmark (the evidence scan reads twice as many tokens)."""
+
+    label_features: int = 16
+    """Features labelled in the interpretation benchmark."""
+
+    stages: str = "foundation,sae,distill,rl,interpret"
     """Comma-separated stages to benchmark."""
 
     json: bool = False
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
 
         results["rl"] = bench_rl(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.decoder, cfg.ppo_iterations,
                                  cfg.ppo_batch, cfg.batch)
+    if "interpret" in stages:
+        from benchmarks.interpret import bench_interpret
+
+        results["interpret"] = bench_interpret(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.decoder,
+                                               cfg.interpret_tokens, cfg.label_features)
     if cfg.json:
         print(json.dumps(results))
         return
