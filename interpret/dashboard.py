@@ -31,6 +31,7 @@ FAITHFULNESS_MEANINGS = {
     "sufficiency": "share of the prediction recovered from the kept features alone (1 = they suffice)",
     "comprehensiveness": "drop in the prediction when the kept features are removed (high = nothing important left out)",
     "kept_features": "features kept for the sufficiency / comprehensiveness tests",
+    "random": "sufficiency / comprehensiveness of as many random active features (mean of 5 draws)",
     "top10_share": "share of total |attribution| carried by the 10 strongest features (high = concentrated)",
 }
 
@@ -136,6 +137,9 @@ def _faithfulness_panel(expl: dict) -> Panel:
                   + (" — top-1 kept" if expl.get("sufficient_top1") else " — top-1 lost"
                      if expl.get("sufficient_top1") is not None else ""))
     table.add_row("comprehensiveness", _num(expl.get("comprehensiveness")), FAITHFULNESS_MEANINGS["comprehensiveness"])
+    if expl.get("random_sufficiency") is not None:
+        table.add_row("random baseline", f"{_num(expl.get('random_sufficiency'))} / {_num(expl.get('random_comprehensiveness'))}",
+                      FAITHFULNESS_MEANINGS["random"])
     table.add_row("kept features", _e(expl.get("kept_features", "—")), FAITHFULNESS_MEANINGS["kept_features"])
     table.add_row("top-10 share", _pct(expl.get("top10_share")), FAITHFULNESS_MEANINGS["top10_share"])
     return Panel(table, title="FAITHFULNESS", title_align="left")
@@ -222,6 +226,8 @@ def _view(expl: dict) -> dict:
         "faith": [("Sufficiency", _num(expl.get("sufficiency")), FAITHFULNESS_MEANINGS["sufficiency"]
                    + ("" if sufficient is None else "; top-1 prediction kept" if sufficient else "; top-1 prediction lost")),
                   ("Comprehensiveness", _num(expl.get("comprehensiveness")), FAITHFULNESS_MEANINGS["comprehensiveness"]),
+                  *([("Random baseline", f"{_num(expl.get('random_sufficiency'))} / {_num(expl.get('random_comprehensiveness'))}",
+                      FAITHFULNESS_MEANINGS["random"])] if expl.get("random_sufficiency") is not None else []),
                   ("Kept features", str(expl.get("kept_features", "—")), FAITHFULNESS_MEANINGS["kept_features"]),
                   ("Top-10 share", _pct(expl.get("top10_share")), FAITHFULNESS_MEANINGS["top10_share"])],
         "explanations": [(EXPLANATION_TITLES.get(k, k), v) for k, v in (expl.get("explanations") or {}).items() if v],
