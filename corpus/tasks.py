@@ -386,7 +386,8 @@ def extract_answer(generated_text: str, suite: str) -> str:
     gsm8k: the number after '####' if there is one, else the last number of the reply. numeric
     (arithmetic, comparison, counting): the last number of the first non-empty line ("12 + 5 = 17"
     → "17"). boolean, boolq: the first yes/no/true/false word. Otherwise: the first non-empty line,
-    without a leading "Answer:" / "The answer is".
+    without a leading "The answer is" or a label of up to three words and a colon ("Answer:",
+    "Repeat exactly:" — instruct models often echo the instruction).
     """
     lines = [line.strip() for line in generated_text.strip().splitlines() if line.strip()]
     first = lines[0] if lines else ""
@@ -404,4 +405,5 @@ def extract_answer(generated_text: str, suite: str) -> str:
     if kind == "boolean":
         match = re.search(r"\b(yes|no|true|false)\b", generated_text, re.IGNORECASE)
         return match.group(1) if match else first
-    return re.sub(r"^(?:the\s+)?answer(?:\s+is)?\s*:?\s*", "", first, flags=re.IGNORECASE)
+    first = re.sub(r"^(?:the\s+)?answer\s+is\b\s*:?\s*", "", first, flags=re.IGNORECASE)
+    return re.sub(r"^[A-Za-z]+(?:\s+[A-Za-z]+){0,2}\s*:\s*", "", first).strip()  # a label: "Answer:", "Repeat exactly:"

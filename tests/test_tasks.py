@@ -47,6 +47,8 @@ def test_normalised_forms_and_multiple_references():
     ("Yes, it is.", "boolq", "Yes"),
     ("Answer: h2 t3 u2\nmore", "copying", "h2 t3 u2"),
     ("Denver Broncos\n", "squad", "Denver Broncos"),
+    ("Repeat exactly: h2 t3 u2", "copying", "h2 t3 u2"), ("The answer is: Paris.", "squad", "Paris."),
+    ("Note that: it is 3: really", "squad", "it is 3: really"),
 ])
 def test_extract_answer(text, suite, answer):
     assert extract_answer(text, suite) == answer
