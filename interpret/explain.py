@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 def encode_input(comp: Components, text: str, chat: bool = False) -> torch.Tensor:
     tok = comp.frozen.tokenizer
-    if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
         if ids[0] != comp.frozen.bos_token_id:
             ids = [comp.frozen.bos_token_id, *ids]
     else:
