@@ -14,6 +14,7 @@ examples) and n non-activating ones (the evidence's negatives):
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import random
 from collections.abc import Sequence
@@ -171,11 +172,23 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     if embedder is None and "embedding" in scorers:
         embedder = Embedder()
 
-    features: dict[str, dict] = {}
+    settings = {"scorers": scorers, "simulator": {"backend": cfg.simulator, "model": getattr(simulator, "model_id", None)},
+                "n_examples": cfg.n_examples, "seed": cfg.seed}
+    features = _resumable(run, settings)
+    todo = [(fid, backend, label) for fid, backend, label in jobs
+            if features.get(str(fid), {}).get(backend, {}).get("label") != label]
+    if len(todo) < len(jobs):
+        log.info("%d of %d labels already scored with these settings; scoring %d", len(jobs) - len(todo), len(jobs), len(todo))
+
+    def save() -> dict:
+        result = {"features": features, "summary": summarise(features, scorers), **settings}
+        write_json_atomic(run.scores, result)
+        return result
+
     with Progress(transient=True) as progress:
-        task = progress.add_task("scoring labels", total=len(jobs))
+        task = progress.add_task("scoring labels", total=len(todo))
         built: dict[int, FeatureEvidence] = {}
-        for fid, backend, label in jobs:
+        for i, (fid, backend, label) in enumerate(todo, 1):
             if fid not in built:
                 built[fid] = evidence[fid]
             ev = built[fid]
@@ -183,16 +196,24 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
                               simulator, embedder)
             features.setdefault(str(fid), {})[backend] = {"label": label, **row}
             progress.advance(task)
-
-    result = {"features": features, "summary": summarise(features, scorers), "scorers": scorers,
-              "simulator": {"backend": cfg.simulator, "model": getattr(simulator, "model_id", None)},
-              "n_examples": cfg.n_examples, "seed": cfg.seed}
-    write_json_atomic(run.scores, result)
+            if i % 20 == 0:  # a killed run keeps what it scored; a rerun continues from here
+                save()
+    result = save()
     write_json_atomic(config_path(run, "score"), config_json(cfg))
     console = Console(soft_wrap=True)
     console.print(summary_table(result["summary"], scorers))
     console.print(f"  scores  {run.scores}\n  config  {config_path(run, 'score')}")
     return result
+
+
+def _resumable(run: InterpretRun, settings: dict) -> dict[str, dict]:
+    """Scores already in scores.json that were made with the same settings (else nothing)."""
+    if not run.scores.is_file():
+        return {}
+    old = json.loads(run.scores.read_text())
+    if any(old.get(k) != v for k, v in settings.items()):
+        return {}
+    return old.get("features", {})
 
 
 def score_label(ev: FeatureEvidence, label: str, scorers: list[str], n: int, rng: random.Random,

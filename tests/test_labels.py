@@ -303,6 +303,12 @@ def test_run_score_writes_scores_and_summary(tmp_path):
                                          "mean_fuzzing": 1.0, "frac_fuzzing_ge_0.7": 1.0}
     with pytest.raises(ConfigError, match="--labels openai"):
         run_score(ScoreConfig(run=tmp_path, labels="openai", scorers="detection"), simulator=oracle)
+    # a rerun with the same settings resumes: nothing is judged again
+    seen = len(oracle.seen)
+    assert run_score(ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=3), simulator=oracle) == result
+    assert len(oracle.seen) == seen
+    run_score(ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=2), simulator=oracle)  # other settings
+    assert len(oracle.seen) > seen
 
 
 def test_embedding_scorer_separates_related_contexts():
