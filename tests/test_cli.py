@@ -26,7 +26,9 @@ def test_every_command_has_help_from_its_config(command, capsys):
     out = capsys.readouterr().out
     assert f"usage: faithlens {command}" in out
     without_model = {"sae export-saelens": "SAELens", "compare": "held-out score", "sweep": "YAML",
-                     "ppo export": "plain decoder checkpoint"}
+                     "ppo export": "plain decoder checkpoint", "features label": "--local-model",
+                     "features score": "--simulator", "features review": "--reviewer", "features cluster": "--threshold",
+                     "features explainer": "--names"}
     if command in without_model:
         assert without_model[command] in out
     else:
