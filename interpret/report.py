@@ -35,7 +35,7 @@ TARGETS = {
     "ood_kl": ("out-of-domain decoder KL, nats/token", "< 1.0", lambda v: v < 1.0),
     "fvu": ("SAE reconstruction: fraction of variance unexplained", "< 0.2", lambda v: v < 0.2),
     "mse": ("SAE reconstruction: MSE on normalised activations (E‖x‖² = d)", "< 0.2", lambda v: v < 0.2),
-    "top10_share": ("explanation coverage: top-10 share of |attribution| per prediction", "≥ 30%", lambda v: v >= 0.30),
+    "top10_share": ("explanation coverage: top-10 share of attribution magnitude per prediction", "≥ 30%", lambda v: v >= 0.30),
 }
 PERCENT = {"top1", "label_coverage", "top10_share"}
 
