@@ -30,7 +30,9 @@ def kl_by_layer(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     layers = result.get("layer_curve") or []
     if layers:
-        ax.plot([r["layer"] for r in layers], [r["logit_lens_kl"] for r in layers], "o-", color="#888", label="logit lens")
+        # the last layer's logit lens is the model itself (KL 0): floored so the log axis can show it
+        ax.plot([r["layer"] for r in layers], [max(r["logit_lens_kl"], 1e-3) for r in layers], "o-", color="#888",
+                label="logit lens")
     markers = iter("sD^vP*X")
     for method, by_corpus in result["baselines"].items():
         if method == "logit_lens" or "kl" not in by_corpus.get("in_domain", {}):
