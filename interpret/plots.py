@@ -69,6 +69,7 @@ def ppo_curves(history: list[dict], path: Path, title: str) -> Path:
         ax2b.plot([s for s, _ in evals], [h.get("eval/top1") for _, h in evals], "s--", color="#e80", label="top-1")
         ax2b.set_ylabel("top-1 agreement")
     ax2.set_xlabel("environment steps")
+    ax2.set_ylabel("held-out KL (nats/token)")
     ax2.set_title("held-out faithfulness during PPO")
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
