@@ -100,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
     console = Console()
     out = cfg.out.resolve()
-    stages = _Stages(console, 12)
+    stages = _Stages(console, 11)
     console.rule("[bold]faithlens demo")
 
     t = stages.start(f"load {cfg.model}")
@@ -202,6 +202,13 @@ def _interpret_stages(cfg: DemoConfig, out: Path, frozen, stages: _Stages) -> No
         run_score(ScoreConfig(run=out, n_examples=6), simulator=local)
     stages.done(t, run.scores)
 
+    t = stages.start(f"explain {cfg.explain!r}")
+    from interpret.explain import run_explain
+
+    html = out / "explain.html"
+    run_explain(ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=html, chat=True))
+    stages.done(t, html)
+
     t = stages.start("eval table")
     from interpret.report import print_table, run_eval
 
@@ -214,10 +221,4 @@ def _interpret_stages(cfg: DemoConfig, out: Path, frozen, stages: _Stages) -> No
                             task_examples=cfg.task_examples, ppo=out / "ppo"))
     stages.done(t, out / "eval", reused)
 
-    t = stages.start(f"explain {cfg.explain!r}")
-    from interpret.explain import run_explain
-
-    html = out / "explain.html"
-    run_explain(ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=html, chat=True))
-    stages.done(t, html)
     console.print(f"[bold]HTML dashboard: {html}")
