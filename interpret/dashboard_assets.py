@@ -176,7 +176,9 @@ code, .token { font-family: var(--mono); }
 .stat p { margin: 0; font-size: .72rem; color: var(--muted); line-height: 1.3; }
 .tokens-layout { display: grid; grid-template-columns: minmax(0, 2fr) minmax(260px, 1fr); gap: 1rem; align-items: start; }
 @media (max-width: 760px) { .tokens-layout { grid-template-columns: 1fr; } .faith dl { grid-template-columns: 1fr; } }
-.strip { font-family: var(--mono); font-size: 1.05rem; line-height: 2.1; }
+/* tokens are adjacent spans with no whitespace between them: flex-wrap gives the line breaks */
+.strip { font-family: var(--mono); font-size: 1.05rem; line-height: 1.6; display: flex; flex-wrap: wrap; row-gap: .45rem;
+  align-items: center; min-width: 0; }
 .tok { white-space: pre; padding: .15rem .1rem; border-radius: 4px; cursor: pointer; outline: 1px solid var(--line);
   outline-offset: -1px; margin-right: 1px; }
 .tok:hover, .tok:focus-visible, .tok.sel { outline: 2px solid var(--fg); }
