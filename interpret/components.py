@@ -8,6 +8,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from distill.student import sae_features
 from interpret.run import InterpretRun
 from models.config import DEFAULT_MODEL, ModelConfig
 from models.errors import ConfigError
@@ -30,14 +31,14 @@ class Components:
     @cached_property
     def token_strings(self) -> list[str]:
         """Every vocabulary id decoded on its own (whitespace kept), for showing examples."""
-        tok = self.frozen.tokenizer
-        return [tok.decode([i]) for i in range(self.frozen.vocab_size)]
+        return [self.token_string(i) for i in range(self.frozen.vocab_size)]
 
     def features(self, resid_BTD: Tensor) -> tuple[Tensor, Tensor]:
-        B, T, D = resid_BTD.shape
-        with torch.no_grad():
-            enc = self.sae.encode(resid_BTD.reshape(-1, D).float())
-        return enc.indices_NK.view(B, T, -1), enc.acts_NK.view(B, T, -1)
+        return sae_features(self.sae, resid_BTD)
+
+    def token_string(self, token_id: int) -> str:
+        """One vocabulary id decoded on its own (whitespace kept)."""
+        return self.frozen.tokenizer.decode([int(token_id)])
 
     def decoder_logits(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
         """Decoder logits at every position (context decoders read the whole sequence)."""

@@ -70,7 +70,6 @@ def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labe
             evidence=None, scores: dict | None = None, seed: int = 0) -> dict:
     labels, scores = labels or {}, scores or {}
     ids = encode_input(comp, text, chat)
-    strings = comp.token_strings
     frozen_logits, store = comp.frozen.forward(ids, [comp.layer])
     frozen_probs = frozen_logits[0, -1].float().softmax(-1)
     h = store[comp.layer].float().clone()
@@ -100,7 +99,7 @@ def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labe
         card = {"id": f, "label": labels.get(f), "activation": last_act.get(f, 0.0),
                 "max_activation_in_input": float((values[0] * (indices[0] == f)).sum(-1).max()),
                 "attribution": float(attr_F[f]), "share": abs(float(attr_F[f])) / total if total else 0.0,
-                "peak_position": peak, "peak_token": strings[int(ids[0, peak])],
+                "peak_position": peak, "peak_token": comp.token_string(int(ids[0, peak])),
                 "label_scores": scores.get(f, {})}
         if evidence is not None and f in evidence:
             fe = evidence[f]
@@ -112,18 +111,18 @@ def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labe
     for t in range(T):
         acts = [(float(v), int(i)) for i, v in zip(indices[0, t].tolist(), values[0, t].tolist()) if v > 0 and t > 0]
         acts.sort(reverse=True)
-        tokens.append({"text": strings[int(ids[0, t])],
+        tokens.append({"text": comp.token_string(int(ids[0, t])),
                        "features": [{"id": i, "activation": v, "label": labels.get(i)} for v, i in acts[:8]]})
-    next_token = strings[y]
+    next_token = comp.token_string(y)
     top5 = probs.topk(5)
     result = {
         "text": text, "model": comp.frozen.name, "layer": comp.layer, "run": str(comp.run.root),
         "decoder": comp.meta.get("arch"), "chat": chat,
         "next_token": next_token, "next_token_id": y, "confidence": float(probs[y]),
-        "frozen_next_token": strings[int(frozen_probs.argmax())], "frozen_confidence": float(frozen_probs.max()),
+        "frozen_next_token": comp.token_string(int(frozen_probs.argmax())), "frozen_confidence": float(frozen_probs.max()),
         "frozen_prob_of_prediction": float(frozen_probs[y]),
         "agrees_with_frozen": int(frozen_probs.argmax()) == y,
-        "top_predictions": [{"token": strings[i], "prob": float(p)} for p, i in zip(top5.values.tolist(), top5.indices.tolist())],
+        "top_predictions": [{"token": comp.token_string(i), "prob": float(p)} for p, i in zip(top5.values.tolist(), top5.indices.tolist())],
         "tokens": tokens, "features": features, "active_features": len(active),
         "sufficiency": faith["sufficiency"], "comprehensiveness": faith["comprehensiveness"],
         "sufficient_top1": faith["sufficient_top1"], "kept_features": len(named),

@@ -48,11 +48,15 @@ class _Batch:
         self.weight[:, 0] = 0  # BOS is not scored
 
 
-def _token_shares(comp: Components, batch: _Batch, cfg: ImportanceConfig, n: int, rng: random.Random) -> list[float]:
-    """Per-prediction top-10 share of |attribution|, one prediction at a time (exact for any decoder)."""
+def _token_shares(comp: Components, batch: _Batch, attr: torch.Tensor, cfg: ImportanceConfig, n: int,
+                  rng: random.Random) -> list[float]:
+    """Per-prediction top-10 share of |attribution|, one prediction at a time (exact for any decoder).
+
+    `attr` is the batch's attribution of all its predictions together; without context, positions are
+    independent, so it already holds every prediction's own attribution.
+    """
     F_ = comp.sae.cfg.num_latents
-    if not comp.decoder.uses_context:  # positions are independent: one backward gives every prediction's attribution
-        _, attr = decoder_attribution(comp, batch.indices, batch.values, batch.targets, batch.weight, cfg.target, batch.teacher)
+    if not comp.decoder.uses_context:
         a = attr[:, 1:].flatten(0, 1).abs().double()
         total = a.sum(-1)
         top = a.topk(min(10, a.shape[-1]), dim=-1).values.sum(-1)
@@ -85,8 +89,7 @@ def _validate(comp: Components, batch: _Batch, top_ids: list[int], cfg: Importan
            "decoder": {"spearman": spearman(est, effect), "spearman_abs": spearman(np.abs(est), np.abs(effect)),
                        "attribution": est.tolist(), "ablation": effect.tolist()}}
     if spliced:
-        with torch.no_grad():
-            frozen_targets = comp.frozen.forward(batch.ids)[0].argmax(-1)
+        frozen_targets = batch.teacher.argmax(-1)  # a spliced-check batch always carries the frozen logits
         _, attr_s = spliced_attribution(comp, batch.ids, batch.h, batch.indices, batch.values, frozen_targets,
                                         batch.weight, cfg.target, batch.teacher)
         est_s = per_feature(batch.indices, attr_s, F_)[top_ids].numpy()
@@ -126,7 +129,7 @@ def compute_importance(cfg: ImportanceConfig, comp: Components, progress: bool =
         signed_sum.index_add_(0, idx, attr.flatten().double())
         fires.index_add_(0, idx, ((batch.values > 0) * batch.weight[..., None]).flatten().double())
         n_tokens += int(batch.weight.sum().item())
-        shares += _token_shares(comp, batch, cfg, max(0, cfg.share_targets // n_batches + 1), rng)
+        shares += _token_shares(comp, batch, attr, cfg, max(0, cfg.share_targets // n_batches + 1), rng)
         if splice_now:
             frozen_targets = batch.teacher.argmax(-1)
             _, attr_s = spliced_attribution(comp, ids, batch.h, batch.indices, batch.values, frozen_targets, batch.weight,
@@ -137,7 +140,7 @@ def compute_importance(cfg: ImportanceConfig, comp: Components, progress: bool =
     order = [int(f) for f in importance.argsort(descending=True) if fires[f] > 0]
     spliced_imp = spliced_abs / max(1, n_spliced)
     val_batch = first
-    if cfg.validate_sequences < first.ids.shape[0]:
+    if cfg.validate_sequences < first.ids.shape[0] or (cfg.spliced and first.teacher is None):
         val_batch = _Batch(comp, first.ids[: cfg.validate_sequences], cfg.target, need_teacher or cfg.spliced)
     validation = _validate(comp, val_batch, order[: cfg.validate_top], cfg, cfg.spliced) if order else {}
     spliced_rank = {int(f): r for r, f in enumerate(spliced_imp.argsort(descending=True).tolist())}
