@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -114,3 +115,12 @@ class CacheConfig(CorpusConfig, ModelConfig):
             raise ConfigError(f"--top-k: expected at least 1, got {self.top_k}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size: expected at least 1, got {self.batch_size}")
+
+    @classmethod
+    def covering(cls, cfg: CorpusConfig, tokens: int, layers: str, out: Path, teacher: bool, top_k: int = 64) -> CacheConfig:
+        """The training-split cache of `cfg`'s corpus and model (`cfg` holds both configs' fields) with
+        enough whole sequences that `tokens` positions remain once each sequence's BOS is left out."""
+        shared = {f.name: getattr(cfg, f.name) for f in fields(CorpusConfig) + fields(ModelConfig) if hasattr(cfg, f.name)}
+        with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
+        return cls(**{**shared, "tokens": with_bos, "split": "train", "layers": layers, "out": out,
+                      "teacher": teacher, "top_k": top_k})

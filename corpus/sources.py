@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from corpus.tasks import generate_tasks, load_task_file
+from corpus.tasks import builtin_suites, generate_tasks
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,9 +34,9 @@ class Source:
 
     @property
     def kind(self) -> str:
-        if self.spec in BUILTINS:
+        if self.spec == "builtin:self":
             return self.spec
-        if self.spec.startswith("builtin:tasks:"):  # a subset of the suites, e.g. builtin:tasks:boolean+copying
+        if self.suites:
             return "builtin:tasks"
         if self.spec.startswith("hf:"):
             return "hf"
@@ -44,11 +44,9 @@ class Source:
 
     @property
     def suites(self) -> tuple[str, ...]:
-        """The task suites of a builtin:tasks[:A+B] source."""
-        from corpus.tasks import SUITES
-
-        names = tuple(n for n in self.spec.removeprefix("builtin:tasks").lstrip(":").split("+") if n)
-        return names or tuple(SUITES)
+        """The task suites of a builtin:tasks[:A+B] source; empty for any other source."""
+        # only the prefixed form: a bare suite name here would shadow a folder of that name
+        return (builtin_suites(self.spec) or ()) if self.spec.startswith("builtin:") else ()
 
     @property
     def finite(self) -> bool:
@@ -90,16 +88,14 @@ def parse_sources(spec: str, flag: str = "--data") -> list[Source]:
         if weight <= 0:
             raise ConfigError(f"{flag}: weight of {name!r} must be positive, got {weight}")
         source = Source(name.strip(), weight)
-        if name.startswith("builtin:") and source.kind not in BUILTINS:
+        try:
+            kind = source.kind
+        except ConfigError as e:  # an unknown name in builtin:tasks:A+B
+            raise ConfigError(f"{flag}: {e}") from None
+        if name.startswith("builtin:") and kind not in BUILTINS:
             raise ConfigError(f"{flag}: unknown builtin source {name!r}; known: {', '.join(BUILTINS)} "
                               "(and builtin:tasks:SUITE+SUITE)")
-        if source.kind == "builtin:tasks":
-            from corpus.tasks import SUITES
-
-            unknown = [n for n in source.suites if n not in SUITES]
-            if unknown:
-                raise ConfigError(f"{flag}: unknown task suite(s) {', '.join(unknown)} in {name!r}; known: {', '.join(SUITES)}")
-        if source.kind == "file":
+        if kind == "file":
             path = Path(source.spec).expanduser()
             if not path.exists():
                 raise ConfigError(f"{flag}: no such file or folder: {source.spec}")
@@ -216,16 +212,6 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[str]:
         raise
     except Exception as e:  # datasets raises many types for offline / unknown datasets
         raise ConfigError(f"--data {spec}: could not open the Hugging Face dataset ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def task_examples_for(source: Source, seed: int, n: int):
-    """Task examples of a builtin or GSM8K-style jsonl source, for accuracy evaluations."""
-    if source.kind == "builtin:tasks":
-        gen = generate_tasks(seed, source.suites)
-        return [next(gen) for _ in range(n)]
-    if source.kind == "file" and source.spec.endswith(".jsonl"):
-        return load_task_file(Path(source.spec).expanduser())[:n]
-    raise ConfigError(f"{source.spec} is not a task suite (builtin:tasks or a question/answer jsonl)")
 
 
 def absolute_spec(spec: str) -> str:

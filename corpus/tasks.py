@@ -10,23 +10,20 @@ A suite spec (`load_suite`) is one of
 - `hf:NAME[:CONFIG[:SPLIT]]` read as a GSM8K-style question/answer dataset;
 - a path to a .jsonl/.parquet file with `question` and `answer` (or `answers`) fields.
 
-Answers are compared after `normalize_answer` (SQuAD's normalisation, plus canonical numbers and
-yes/no); `extract_answer` pulls the final answer out of a model's free-text reply first.
+`load_suite` takes a fixed number of examples; `task_stream` is the endless stream of the same specs
+that the generation environment draws prompts from. Answers are checked with `corpus.answers`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import string
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from itertools import count, islice
+from itertools import count, cycle, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
+from corpus.answers import normalize_answer
 from models.errors import ConfigError
 
 PromptFormat = Literal["bare", "chat", "auto"]
@@ -116,8 +113,6 @@ SUITES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "copying": _copying,
 }
 DATASETS = ("gsm8k", "boolq", "squad")
-_NUMERIC_SUITES = ("arithmetic", "comparison", "counting")
-_BOOLEAN_SUITES = ("boolean", "boolq")
 
 
 def generate_tasks(seed: int = 0, suites: tuple[str, ...] = tuple(SUITES)) -> Iterator[TaskExample]:
@@ -131,48 +126,35 @@ def generate_tasks(seed: int = 0, suites: tuple[str, ...] = tuple(SUITES)) -> It
         yield TaskExample(name, prompt, answer)
 
 
-# -- dataset files ------------------------------------------------------------------------------------
-def load_task_file(path: Path) -> list[TaskExample]:
-    """GSM8K-style jsonl: one {"question", "answer"} per line, the final answer after '####'."""
-    return _examples(Path(path).stem, "qa", _read_rows(Path(path)), str(path))
-
-
-# Where each dataset lives: a default local file name in ../shared/data/, and its hub id.
-_DATASET_SOURCES = {
-    "gsm8k": ("gsm8k_train.jsonl", "hf:openai/gsm8k:main:test"),
-    "boolq": ("boolq_validation.jsonl", "hf:google/boolq::validation"),
-    "squad": ("squad_validation.jsonl", "hf:rajpurkar/squad::validation"),
-}
-
-
+# -- suite specs --------------------------------------------------------------------------------------
 def load_suite(spec: str, n: int, seed: int) -> list[TaskExample]:
     """`n` examples of one suite spec (see the module docstring), chosen deterministically by `seed`."""
     spec = spec.strip()
     if n <= 0:
         raise ConfigError(f"task suite {spec}: the number of examples must be positive, got {n}")
-    builtin = _builtin_names(spec)
+    builtin = builtin_suites(spec)
     if builtin is not None:
         return list(islice(generate_tasks(seed, builtin), n))
-    kind, _, path = spec.partition(":")
-    if kind in DATASETS:
-        rows, where = _dataset_rows(kind, path)
-        examples = _examples(kind, kind, rows, where)
-    elif spec.startswith("hf:"):
-        examples = _examples(spec.split(":")[1].split("/")[-1], "qa", _hf_rows(spec), spec)
-    elif Path(spec).expanduser().suffix in (".jsonl", ".parquet"):
-        examples = _examples(Path(spec).stem, "qa", _read_rows(Path(spec).expanduser()), spec)
-    else:
-        raise ConfigError(
-            f"task suite: unknown suite {spec!r}; expected one of {', '.join(SUITES)} (or several joined by +), "
-            f"builtin:tasks[:SUITE], {', '.join(d + '[:PATH]' for d in DATASETS)}, hf:NAME[:CONFIG[:SPLIT]] "
-            "or a .jsonl/.parquet file with question and answer fields"
-        )
+    examples = suite_examples(spec)
     order = random.Random(f"{seed}:{spec}").sample(range(len(examples)), min(n, len(examples)))
     return [examples[i] for i in order]
 
 
-def _builtin_names(spec: str) -> tuple[str, ...] | None:
-    if spec.startswith("builtin:tasks"):
+def task_stream(spec: str, seed: int) -> Iterator[TaskExample]:
+    """An endless stream of a suite spec's examples (any spec `load_suite` accepts): builtin suites are
+    generated from `seed`; a dataset's examples repeat in file order."""
+    spec = spec.strip()
+    builtin = builtin_suites(spec)
+    return generate_tasks(seed, builtin) if builtin is not None else cycle(suite_examples(spec))
+
+
+def builtin_suites(spec: str) -> tuple[str, ...] | None:
+    """The builtin suites a spec names, or None if it names something else (a dataset or a file).
+
+    `builtin:tasks` names all of them, `builtin:tasks:A+B` and `A+B` the ones listed; an unknown name
+    after `builtin:tasks:` is an error naming it.
+    """
+    if spec == "builtin:tasks" or spec.startswith("builtin:tasks:"):
         names = tuple(s for s in spec.removeprefix("builtin:tasks").lstrip(":").split("+") if s) or tuple(SUITES)
     elif all(part in SUITES for part in spec.split("+")):
         names = tuple(spec.split("+"))
@@ -184,6 +166,32 @@ def _builtin_names(spec: str) -> tuple[str, ...] | None:
     return names
 
 
+def suite_examples(spec: str) -> list[TaskExample]:
+    """Every example of a dataset or file spec, in file order."""
+    kind, _, path = spec.partition(":")
+    if kind in DATASETS:
+        rows, where = _dataset_rows(kind, path)
+        return _examples(kind, kind, rows, where)
+    if spec.startswith("hf:"):
+        return _examples(spec.split(":")[1].split("/")[-1], "qa", _hf_rows(spec), spec)
+    if Path(spec).expanduser().suffix in (".jsonl", ".parquet"):
+        return _examples(Path(spec).stem, "qa", _read_rows(Path(spec).expanduser()), spec)
+    raise ConfigError(
+        f"task suite: unknown suite {spec!r}; expected one of {', '.join(SUITES)} (or several joined by +), "
+        f"builtin:tasks[:SUITE], {', '.join(d + '[:PATH]' for d in DATASETS)}, hf:NAME[:CONFIG[:SPLIT]] "
+        "or a .jsonl/.parquet file with question and answer fields"
+    )
+
+
+# -- dataset files ------------------------------------------------------------------------------------
+# Where each dataset lives: a default local file name in ../shared/data/, and its hub id.
+_DATASET_SOURCES = {
+    "gsm8k": ("gsm8k_train.jsonl", "hf:openai/gsm8k:main:test"),
+    "boolq": ("boolq_validation.jsonl", "hf:google/boolq::validation"),
+    "squad": ("squad_validation.jsonl", "hf:rajpurkar/squad::validation"),
+}
+
+
 def _dataset_rows(kind: str, path: str) -> tuple[list[dict], str]:
     if path:
         if path.startswith("hf:"):
@@ -193,20 +201,14 @@ def _dataset_rows(kind: str, path: str) -> tuple[list[dict], str]:
     local = SHARED_DATA / local_name
     if local.is_file():
         return _read_rows(local), str(local)
-    if _hub_reachable():
+    from models.loading import hub_reachable  # models.loading imports torch; a suite from a file needs none
+
+    if hub_reachable():
         return _hf_rows(hub), hub
     raise ConfigError(
         f"task suite {kind}: no local file {local} and the Hugging Face hub is not reachable; "
         f"pass {kind}:PATH with a .jsonl or .parquet file of the dataset's standard fields, or go online for {hub}"
     )
-
-
-def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    from models.loading import _reachable
-
-    return _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -313,97 +315,3 @@ def prompt_token_ids(example: TaskExample, tokenizer, prompt_format: PromptForma
     else:
         raise ConfigError(f"--prompt-format: expected bare, chat or auto, got {prompt_format!r}")
     return ids if ids[:1] == [bos_token_id] else [bos_token_id, *ids]
-
-
-# -- answers -----------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?|[-−]?\$?\.\d+")
-_YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
-_PUNCT = set(string.punctuation)
-
-
-def canonical_number(text: str) -> str | None:
-    """The value of a text that is one number (optionally with $ or %, thousands commas), in plain
-    decimal notation without trailing zeros; None if the text is not a single number."""
-    core = text.strip().rstrip(".").replace("−", "-")
-    core = re.sub(r"^(-?)[$€£]", r"\1", core).removesuffix("%").replace(" ", "")
-    if not re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?", core) or not any(c.isdigit() for c in core):
-        return None
-    try:
-        value = Decimal(core.replace(",", ""))
-    except InvalidOperation:
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def normalize_answer(text: str) -> str:
-    """The form answers are compared in.
-
-    A single number becomes its value ("$1,000.00" → "1000", "-3.50" → "-3.5"); yes/no/true/false
-    become "yes"/"no"; any other text is lower-cased with punctuation and the articles a/an/the
-    removed and whitespace collapsed (SQuAD's normalisation), except that numbers inside it are
-    canonicalised the same way ("3.50 apples" → "3.5 apples"). Unit words are not stripped here:
-    `extract_answer` takes the number out of "18 dollars" for the numeric suites.
-    """
-    text = text.strip()
-    number = canonical_number(text)
-    if number is not None:
-        return number
-    words = [_normalize_word(w) for w in text.lower().split()]
-    text = " ".join(w for w in words if w and w not in ("a", "an", "the"))
-    return _YES_NO.get(text, text)
-
-
-def _normalize_word(word: str) -> str:
-    number = canonical_number(word.strip(string.punctuation.replace("$", "").replace("-", "")))
-    if number is not None:
-        return number
-    word = re.sub(r"(?<=\d)[^\w\s](?=\d)", " ", word)  # "1,00" is no valid number: keep its digit groups apart
-    return " ".join("".join(c for c in word if c not in _PUNCT).split())
-
-
-def is_correct(prediction: str, reference: str | Iterable[str]) -> bool:
-    """Exact match after normalisation against one reference or any of several."""
-    references = [reference] if isinstance(reference, str) else list(reference)
-    return normalize_answer(prediction) in {normalize_answer(r) for r in references}
-
-
-def answer_kind(suite: str) -> Literal["numeric", "gsm8k", "boolean", "text"]:
-    name = suite.split(":")[0].lower()
-    if name.startswith("gsm8k"):
-        return "gsm8k"
-    if name in _NUMERIC_SUITES:
-        return "numeric"
-    if name in _BOOLEAN_SUITES:
-        return "boolean"
-    return "text"
-
-
-def extract_answer(generated_text: str, suite: str) -> str:
-    """The final answer in a model's free-text reply, by the suite's kind of answer.
-
-    gsm8k: the number after '####' if there is one, else the last number of the reply. numeric
-    (arithmetic, comparison, counting): the last number of the first non-empty line ("12 + 5 = 17"
-    → "17"). boolean, boolq: the first yes/no/true/false word. Otherwise: the first non-empty line,
-    without a leading "The answer is" or a label of up to three words and a colon ("Answer:",
-    "Repeat exactly:" — instruct models often echo the instruction).
-    """
-    lines = [line.strip() for line in generated_text.strip().splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    kind = answer_kind(suite)
-    if kind == "gsm8k":
-        if "####" in generated_text:
-            tail = generated_text.split("####")[-1].strip()
-            numbers = _NUMBER.findall(tail.splitlines()[0] if tail else "")
-            return numbers[0] if numbers else tail
-        numbers = _NUMBER.findall(generated_text)
-        return numbers[-1].rstrip(".,") if numbers else first
-    if kind == "numeric":
-        numbers = _NUMBER.findall(first)
-        return numbers[-1].rstrip(".,") if numbers else first
-    if kind == "boolean":
-        match = re.search(r"\b(yes|no|true|false)\b", generated_text, re.IGNORECASE)
-        return match.group(1) if match else first
-    first = re.sub(r"^(?:the\s+)?answer\s+is\b\s*:?\s*", "", first, flags=re.IGNORECASE)
-    return re.sub(r"^[A-Za-z]+(?:\s+[A-Za-z]+){0,2}\s*:\s*", "", first).strip()  # a label: "Answer:", "Repeat exactly:"

@@ -12,12 +12,13 @@ from corpus.config import CorpusConfig
 from models.config import ModelConfig
 from models.decoder import Arch
 from models.errors import ConfigError
+from training.config import TrainConfig
 
 DEFAULT_LR = {"linear": 1e-3, "readout": 1e-3, "context": 3e-4, "lens": 1e-3}
 
 
 @dataclass
-class TrainLoopConfig(CorpusConfig, ModelConfig):
+class TrainLoopConfig(TrainConfig, CorpusConfig, ModelConfig):
     """What every distillation run shares: data, teacher targets, optimisation, checkpoints."""
 
     tokens: int = 1_000_000
@@ -25,9 +26,6 @@ class TrainLoopConfig(CorpusConfig, ModelConfig):
 
     out: Path = Path("runs/decoder")
     """Output folder: weights, config.json, metrics.json, curve.json, tb/, checkpoints/."""
-
-    cache_dir: Path = Path("runs/cache")
-    """Where activation/teacher caches are kept (and reused)."""
 
     cache: Path | None = None
     """An existing activation cache with teacher targets at the layer, used instead of building one."""
@@ -39,12 +37,6 @@ class TrainLoopConfig(CorpusConfig, ModelConfig):
     """kl: KL(p_frozen ‖ p_student) on the cached top-k + rest-mass target; ce_argmax: cross-entropy to
     the frozen model's argmax (the original design's objective)."""
 
-    workers: int = 1
-    """Ray Train workers (data-parallel; DDP when > 1)."""
-
-    use_gpu: bool = False
-    """Give each worker a GPU."""
-
     batch_sequences: int = 8
     """Sequences per optimizer step over all workers (× (seq_len - 1) scored tokens)."""
 
@@ -54,14 +46,8 @@ class TrainLoopConfig(CorpusConfig, ModelConfig):
     weight_decay: float = 0.0
     """AdamW weight decay."""
 
-    lr_warmup_frac: float = 0.02
-    """Fraction of steps of linear learning-rate warm-up."""
-
     lr_decay_frac: float = 0.3
     """Fraction of final steps over which the learning rate decays linearly to 10%."""
-
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this value (0 = off)."""
 
     eval_tokens: int = 4096
     """Held-out tokens (eval split of --data) on which the exact KL curve is measured during training."""
@@ -72,13 +58,8 @@ class TrainLoopConfig(CorpusConfig, ModelConfig):
     checkpoint_every: int = 50
     """Steps between checkpoints (the unit of resume)."""
 
-    fail_at_step: int = -1
-    """Testing aid: the worker raises once at this step (to exercise Ray's failure recovery)."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.workers < 1:
-            raise ConfigError(f"--workers: expected at least 1, got {self.workers}")
         if self.batch_sequences % self.workers:
             raise ConfigError(f"--batch-sequences {self.batch_sequences} must divide evenly over --workers {self.workers}")
         if self.teacher_k < 1:

@@ -1,5 +1,5 @@
 """`faithlens decoder train` and `faithlens lens train`: the teacher cache, then distillation as a
-Ray Train job (same pattern as the SAE stage), then the trained student saved beside its curve.
+Ray Train job (same runner as the SAE stage), then the trained student saved beside its curve.
 
 Run folder (OUT): config.json, decoder/ (or lens/), metrics.json (train summary and the held-out
 KL-vs-tokens curve), tb/, checkpoints/latest, ray_results/.
@@ -7,43 +7,27 @@ KL-vs-tokens curve), tb/, checkpoints/latest, ray_results/.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
-from dataclasses import asdict, fields
 from pathlib import Path
-
-import torch
 
 from corpus.cache import ActivationCache, build_cache
 from corpus.config import CacheConfig
-from corpus.sources import absolute_spec
 from distill.config import DistillConfig, LensTrainConfig, TrainLoopConfig
 from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
 from models.io import write_json_atomic
 from models.loading import load_frozen
-from sae.metrics import resolve_sae_dir
 from sae.model import SparseAutoencoder
-from sae.ray_job import resume_and_run, run_torch_job, tensorboard_reporter
+from training.config import inherit_corpus, pick, to_record
+from training.layout import RunLayout, resolve_sae_dir
+from training.ray_job import run_stage_job
 
 log = logging.getLogger(__name__)
 
 
-class RunDir:
-    """Paths inside a distillation run folder, computed in one place."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    config = property(lambda self: self.root / "config.json")
-    metrics = property(lambda self: self.root / "metrics.json")
-    decoder = property(lambda self: self.root / "decoder")
-    lens = property(lambda self: self.root / "lens")
-    tb = property(lambda self: self.root / "tb")
-
-
 def sae_for(cfg: DistillConfig) -> tuple[Path, dict]:
-    """The SAE folder and its metadata; fills in the model from it when --model was left at the default."""
+    """The SAE folder and its metadata."""
     sae_dir = resolve_sae_dir(cfg.sae)
     meta = SparseAutoencoder.load(sae_dir).meta
     if "layer" not in meta:
@@ -53,12 +37,8 @@ def sae_for(cfg: DistillConfig) -> tuple[Path, dict]:
 
 def teacher_cache(cfg: TrainLoopConfig, frozen, layer: int) -> ActivationCache:
     """The cache for `cfg.tokens` scored positions (whole sequences: BOS + seq_len - 1 scored)."""
-    with_bos = math.ceil(cfg.tokens * cfg.seq_len / (cfg.seq_len - 1))
-    cache_cfg = CacheConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=cfg.data, tokens=with_bos,
-                            seq_len=cfg.seq_len, split="train", eval_fraction=cfg.eval_fraction, ood=cfg.ood,
-                            encoding=cfg.encoding, text_field=cfg.text_field, seed=cfg.seed, layers=str(layer),
-                            out=cfg.cache_dir, teacher=True, top_k=cfg.teacher_k)
-    return build_cache(cache_cfg, frozen)
+    return build_cache(CacheConfig.covering(cfg, cfg.tokens, str(layer), cfg.cache_dir, teacher=True, top_k=cfg.teacher_k),
+                       frozen)
 
 
 def open_cache(path: Path, layer: int) -> ActivationCache:
@@ -69,80 +49,60 @@ def open_cache(path: Path, layer: int) -> ActivationCache:
     return cache
 
 
-def _serialisable(cfg) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-
-
 # -- the worker ------------------------------------------------------------------------------
-def train_worker(config: dict) -> None:
-    """Ray Train's per-worker entry point (decoders and the tuned lens)."""
-    import ray.train
+def build_trainer(cfg: TrainLoopConfig, job: dict, rank: int, world: int, reporter):
+    """Ray Train's per-worker builder (see `training.ray_job.stage_worker`), decoders and the tuned lens:
+    the trainer, and what rank 0 runs at the end (save the student and metrics.json)."""
+    import torch
 
+    from distill.heldout import HeldOut
     from distill.student import build_lens, build_student_decoder
-    from distill.train import DistillTrainer, HeldOut
+    from distill.train import DistillTrainer
 
-    kind = config["kind"]
-    cls = LensTrainConfig if kind == "lens" else DistillConfig
-    raw = config["cfg"]
-    cfg = cls(**{**raw, **{k: Path(raw[k]) for k in ("out", "cache_dir", "sae", "cache") if k in raw and raw[k] is not None}})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads_per_worker"])
     torch.manual_seed(cfg.seed)
     frozen = load_frozen(cfg)
-    layer = config["layer"]
+    layer = job["layer"]
     sae = None
-    if kind == "lens":
+    if isinstance(cfg, LensTrainConfig):
         student = build_lens(frozen)
     else:
-        sae = SparseAutoencoder.load(Path(config["sae_dir"]))
+        sae = SparseAutoencoder.load(Path(job["sae_dir"]))
         student = build_student_decoder(cfg.arch, sae, frozen, layer, cfg.rank, cfg.vocab_bias, cfg.n_layers, cfg.init)
-    cache = ActivationCache.open(Path(config["cache_root"]), verify=False)
-    held_out = HeldOut(cfg, frozen, layer) if rank == 0 and cfg.eval_tokens > 0 else None
-    tokens_per_step = cfg.batch_sequences * (cache.seq_len - 1)
-    reporter = tensorboard_reporter(cfg.out, rank, tokens_per_step, lambda: trainer.last_metrics)
-    trainer = DistillTrainer(cfg, kind, student, sae, cache, layer, rank, world, reporter, held_out)
-    if world > 1:
-        trainer.forward_module = ray.train.torch.prepare_model(student, move_to_device=False)
-    state = resume_and_run(trainer, rank, f"distill {kind} L{layer}")
-    if rank == 0:
-        run = RunDir(cfg.out)
-        extra = {"model": cfg.model, "layer": layer, "train_tokens": state.step * tokens_per_step,
-                 "data": cfg.data, "loss": cfg.loss}
-        if kind == "lens":
-            student.save(run.lens, extra=extra)
-        else:
-            extra.update({"sae": config["sae_dir"], "init": cfg.init,
-                          "source_blocks": getattr(student, "source_blocks", None)})
-            student.save(run.decoder, extra=extra)
-        write_json_atomic(run.metrics, {"kind": kind, "layer": layer, "train_tokens": state.step * tokens_per_step,
-                                        "steps": state.step, "final_train": trainer.last_metrics,
-                                        "curve": state.curve, "curve_tokens": held_out.tokens if held_out else 0})
-    reporter.close()
+    cache = ActivationCache.open(Path(job["cache_root"]), verify=False)
+    held_out = HeldOut(cfg, frozen, layer, cfg.eval_tokens) if rank == 0 and cfg.eval_tokens > 0 else None
+    trainer = DistillTrainer(cfg, student, sae, cache, layer, rank, world, reporter, held_out)
+    return trainer, lambda: _save_student(trainer, job)
+
+
+def _save_student(trainer, job: dict) -> None:
+    cfg, state, layer = trainer.cfg, trainer.state, job["layer"]
+    run = RunLayout(cfg.out)
+    kind = "lens" if isinstance(cfg, LensTrainConfig) else "decoder"
+    train_tokens = state.step * trainer.tokens_per_step
+    extra = {"model": cfg.model, "layer": layer, "train_tokens": train_tokens, "data": cfg.data, "loss": cfg.loss}
+    if kind == "lens":
+        trainer.student.save(run.lens, extra=extra)
+    else:
+        extra.update({"sae": job["sae_dir"], "init": cfg.init, "source_blocks": getattr(trainer.student, "source_blocks", None)})
+        trainer.student.save(run.decoder, extra=extra)
+    held_out = trainer.held_out
+    write_json_atomic(run.metrics, {"kind": kind, "layer": layer, "train_tokens": train_tokens, "steps": state.step,
+                                    "final_train": trainer.last_metrics, "curve": state.curve,
+                                    "curve_tokens": held_out.tokens if held_out else 0})
 
 
 # -- commands ----------------------------------------------------------------------------------
-def _launch(cfg: TrainLoopConfig, kind: str, layer: int, cache: ActivationCache, extra: dict) -> None:
+def _launch(cfg: TrainLoopConfig, kind: str, layer: int, cache: ActivationCache, job: dict) -> None:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RunDir(out).config, {"kind": kind, "layer": layer, "cache": str(cache.root), **_serialisable(cfg)})
-    cls = LensTrainConfig if kind == "lens" else DistillConfig
-    raw = {f.name: getattr(cfg, f.name) for f in fields(cls)}
-    raw.update({"out": str(out), "cache_dir": str(Path(cfg.cache_dir).resolve()),
-                # workers run in another folder: relative paths must not reach them
-                "data": absolute_spec(cfg.data), "ood": absolute_spec(cfg.ood),
-                "model": str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model})
-    for key in ("sae", "cache"):
-        if raw.get(key) is not None:
-            raw[key] = str(Path(raw[key]).resolve())
-    loop_config = {"cfg": raw, "kind": kind, "layer": layer, "cache_root": str(cache.root.resolve()), **extra}
-    run_torch_job(train_worker, loop_config, out, cfg.workers, cfg.use_gpu, f"{kind} distillation")
+    record = to_record(cfg)
+    write_json_atomic(RunLayout(out).config, {"kind": kind, "layer": layer, "cache": str(cache.root), **record})
+    run_stage_job(cfg, "distill.job:build_trainer", {"layer": layer, "cache_root": str(cache.root.resolve()), **job},
+                  f"distill {kind} L{layer}")
 
 
 def _report(cfg: TrainLoopConfig, what: Path) -> None:
-    import json
-
-    run = RunDir(cfg.out)
+    run = RunLayout(cfg.out)
     metrics = json.loads(run.metrics.read_text())
     for point in metrics["curve"]:
         print(f"  held-out after {point['tokens']:>9,} tokens: KL {point['kl']:.3f} nats/token, top-1 {point['top1']:.1%}")
@@ -153,6 +113,9 @@ def run_decoder_train(cfg: DistillConfig) -> Path:
     sae_dir, meta = sae_for(cfg)
     if cfg.model == DEFAULT_MODEL and meta.get("model"):
         cfg.model = meta["model"]
+    sae_run = RunLayout.of_sae(sae_dir)
+    if sae_run.config.is_file():
+        cfg = inherit_corpus(cfg, sae_run.config, "decoder train", "the SAE stage")
     layer = int(meta["layer"])
     frozen = load_frozen(cfg)
     frozen.check_layer(layer)
@@ -161,9 +124,9 @@ def run_decoder_train(cfg: DistillConfig) -> Path:
                           f"(d_model={frozen.d_model})")
     cache = open_cache(cfg.cache, layer) if cfg.cache else teacher_cache(cfg, frozen, layer)
     print(f"teacher cache: {cache.tokens:,} positions at {cache.root}")
-    _launch(cfg, "decoder", layer, cache, {"sae_dir": str(sae_dir.resolve())})
-    _report(cfg, RunDir(cfg.out).decoder)
-    return RunDir(cfg.out).decoder
+    _launch(pick(cfg, DistillConfig), "decoder", layer, cache, {"sae_dir": str(sae_dir.resolve())})
+    _report(cfg, RunLayout(cfg.out).decoder)
+    return RunLayout(cfg.out).decoder
 
 
 def run_lens_train(cfg: LensTrainConfig) -> Path:
@@ -171,6 +134,6 @@ def run_lens_train(cfg: LensTrainConfig) -> Path:
     frozen.check_layer(cfg.layer)
     cache = open_cache(cfg.cache, cfg.layer) if cfg.cache else teacher_cache(cfg, frozen, cfg.layer)
     print(f"teacher cache: {cache.tokens:,} positions at {cache.root}")
-    _launch(cfg, "lens", cfg.layer, cache, {})
-    _report(cfg, RunDir(cfg.out).lens)
-    return RunDir(cfg.out).lens
+    _launch(pick(cfg, LensTrainConfig), "lens", cfg.layer, cache, {})
+    _report(cfg, RunLayout(cfg.out).lens)
+    return RunLayout(cfg.out).lens

@@ -5,7 +5,7 @@ own; each decoder answers by choosing every next token itself from the SAE featu
 model's layer-L residual (context decoders read the features of the whole prefix), while the frozen
 model only advances its KV cache on the decoder's tokens, as in `rl_env.generation_env`. A reply ends
 at EOS, at a newline after some text (GSM8K replies may span lines), or after `max_new_tokens`;
-`corpus.tasks.extract_answer` then takes the final answer out of it.
+`corpus.answers.extract_answer` then takes the final answer out of it.
 
 Teacher-forced mode: the reference answer is appended to the prompt, and an example counts as right
 when every answer token is the argmax prediction (of the frozen model, or of the decoder).
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from corpus.tasks import PromptFormat, TaskExample, answer_kind, extract_answer, is_correct, load_suite, prompt_token_ids
+from corpus.answers import answer_kind, extract_answer, is_correct
+from corpus.tasks import PromptFormat, TaskExample, load_suite, prompt_token_ids
 from distill.student import sae_features
 from models.decoder_context import ContextDecoder
 from models.errors import ConfigError

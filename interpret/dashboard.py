@@ -1,6 +1,6 @@
 """The two faces of `faithlens explain`: a rich terminal dashboard and one self-contained HTML file.
 
-Both read the plain explanation dict built by `interpret.explain`. Every string in it may come from
+Both render the `Explanation` record built by `interpret.explain` (the HTML page also embeds its `--json` object). Every string in it may come from
 data (corpus text, model output, LLM labels), so the terminal side escapes rich markup and control
 characters, and the HTML side autoescapes all markup, embeds the data as JSON with `<`, `>`, `&`,
 U+2028/9 escaped, builds the token panel with `textContent` only, and ships a Content-Security-Policy
@@ -23,6 +23,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from interpret.dashboard_assets import _CSS, _JS, _TEMPLATE
+from interpret.explain_records import Explanation, Faithfulness, FeatureAttribution
 from models.io import write_text_atomic
 
 TERMINAL_FEATURES = 12
@@ -78,6 +79,11 @@ def _e(text: Any) -> str:
     return escape(_visible("" if text is None else str(text)))
 
 
+def _meta(expl: Explanation) -> list[tuple[str, str]]:
+    return [(k, str(v)) for k, v in (("model", expl.model), ("layer", expl.layer), ("run", expl.run),
+                                     ("decoder", expl.decoder)) if v is not None]
+
+
 def _label(label: Any) -> str:
     return _e(label) if label else "[dim italic]unlabelled[/]"
 
@@ -89,64 +95,64 @@ def _bar(fraction: float | None, width: int = 20) -> str:
     return "[cyan]" + "█" * filled + "[/][dim]" + "░" * (width - filled) + "[/]"
 
 
-def _input_panel(expl: dict) -> Panel:
-    meta = " · ".join(f"{k} {_e(expl[k])}" for k in ("model", "layer", "run", "decoder") if expl.get(k) is not None)
-    return Panel(f"[bold]{_e(expl.get('text', ''))}[/]\n[dim]{meta}[/]", title="INPUT", title_align="left")
+def _input_panel(expl: Explanation) -> Panel:
+    meta = " · ".join(f"{k} {_e(v)}" for k, v in _meta(expl))
+    return Panel(f"[bold]{_e(expl.text)}[/]\n[dim]{meta}[/]", title="INPUT", title_align="left")
 
 
-def _next_token_panel(expl: dict) -> Panel:
-    lines = [f"decoder  [bold green]'{_e(expl.get('next_token', ''))}'[/]  {_pct(expl.get('confidence'))}  "
-             f"{_bar(_finite(expl.get('confidence')))}"]
-    if expl.get("frozen_next_token") is not None:
-        agrees = expl.get("agrees_with_frozen")
-        verdict = "[green]✓ agrees[/]" if agrees else "[red]✗ disagrees[/]" if agrees is not None else ""
-        lines.append(f"frozen   [bold]'{_e(expl['frozen_next_token'])}'[/]  {_pct(expl.get('frozen_confidence'))}  "
-                     f"{verdict}")
-    top = expl.get("top_predictions") or []
-    if top:
-        lines.append("[dim]top-5[/]    " + "  ".join(f"'{_e(p.get('token'))}' {_pct(p.get('prob'))}" for p in top))
+def _next_token_panel(expl: Explanation) -> Panel:
+    pred = expl.prediction
+    verdict = "[green]✓ agrees[/]" if pred.agrees_with_frozen else "[red]✗ disagrees[/]"
+    lines = [f"decoder  [bold green]'{_e(pred.token)}'[/]  {_pct(pred.confidence)}  {_bar(_finite(pred.confidence))}",
+             f"frozen   [bold]'{_e(pred.frozen_token)}'[/]  {_pct(pred.frozen_confidence)}  {verdict}"]
+    if pred.top:
+        lines.append("[dim]top-5[/]    " + "  ".join(f"'{_e(p.token)}' {_pct(p.prob)}" for p in pred.top))
     return Panel("\n".join(lines), title="NEXT TOKEN", title_align="left")
 
 
-def _trace_panel(expl: dict) -> Panel:
-    body = "\n".join(f"[dim]{i:>2}.[/] {_e(line)}" for i, line in enumerate(expl.get("trace") or [], 1))
+def _trace_panel(expl: Explanation) -> Panel:
+    body = "\n".join(f"[dim]{i:>2}.[/] {_e(line)}" for i, line in enumerate(expl.trace, 1))
     return Panel(body or "[dim]no trace[/]", title="REASONING TRACE", title_align="left")
 
 
-def _interpretation_panel(expl: dict) -> Panel:
+def _interpretation_panel(expl: Explanation) -> Panel:
     table = Table(expand=True, box=None, header_style="bold")
     for name, justify in [("#", "right"), ("feature", "right"), ("label", "left"), ("act", "right"),
                           ("attr", "right"), ("share", "right"), ("detect", "right")]:
         table.add_column(name, justify=justify, ratio=4 if name == "label" else None)
-    for rank, f in enumerate((expl.get("features") or [])[:TERMINAL_FEATURES], 1):
-        attr = _finite(f.get("attribution")) or 0.0
+    for rank, f in enumerate(expl.features[:TERMINAL_FEATURES], 1):
+        attr = _finite(f.attribution) or 0.0
         colour = "green" if attr >= 0 else "red"
-        table.add_row(str(rank), _e(f.get("id")), _label(f.get("label")), _num(f.get("activation")),
-                      f"[{colour}]{attr:+.3f}[/]", _pct(f.get("share")),
-                      _num((f.get("label_scores") or {}).get("detection")))
-    texts = [f"[bold]{EXPLANATION_TITLES.get(k, _e(k))}:[/] {_e(v)}"
-             for k, v in (expl.get("explanations") or {}).items() if v]
+        table.add_row(str(rank), _e(f.id), _label(f.label), _num(f.activation), f"[{colour}]{attr:+.3f}[/]",
+                      _pct(f.share), _num(f.label_scores.get("detection")))
+    texts = [f"[bold]{EXPLANATION_TITLES[k]}:[/] {_e(v)}" for k, v in expl.explanations.to_json().items() if v]
     return Panel(Group(table, "", *texts) if texts else table, title="INTERPRETATION", title_align="left")
 
 
-def _faithfulness_panel(expl: dict) -> Panel:
+def _faithfulness_rows(faith: Faithfulness, top1_kept: str, top1_lost: str) -> list[tuple[str, str, str]]:
+    """(name, value, meaning) rows shared by the terminal panel and the HTML card."""
+    rows = [("Sufficiency", _num(faith.sufficiency),
+             FAITHFULNESS_MEANINGS["sufficiency"] + (top1_kept if faith.sufficient_top1 else top1_lost)),
+            ("Comprehensiveness", _num(faith.comprehensiveness), FAITHFULNESS_MEANINGS["comprehensiveness"])]
+    if faith.random_sufficiency is not None:
+        rows.append(("Random baseline", f"{_num(faith.random_sufficiency)} / {_num(faith.random_comprehensiveness)}",
+                     FAITHFULNESS_MEANINGS["random"]))
+    rows += [("Kept features", str(faith.kept_features), FAITHFULNESS_MEANINGS["kept_features"]),
+             ("Top-10 share", _pct(faith.top10_share), FAITHFULNESS_MEANINGS["top10_share"])]
+    return rows
+
+
+def _faithfulness_panel(expl: Explanation) -> Panel:
     table = Table(expand=True, box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_column(style="dim", ratio=1)
-    table.add_row("sufficiency", _num(expl.get("sufficiency")), FAITHFULNESS_MEANINGS["sufficiency"]
-                  + (" — top-1 kept" if expl.get("sufficient_top1") else " — top-1 lost"
-                     if expl.get("sufficient_top1") is not None else ""))
-    table.add_row("comprehensiveness", _num(expl.get("comprehensiveness")), FAITHFULNESS_MEANINGS["comprehensiveness"])
-    if expl.get("random_sufficiency") is not None:
-        table.add_row("random baseline", f"{_num(expl.get('random_sufficiency'))} / {_num(expl.get('random_comprehensiveness'))}",
-                      FAITHFULNESS_MEANINGS["random"])
-    table.add_row("kept features", _e(expl.get("kept_features", "—")), FAITHFULNESS_MEANINGS["kept_features"])
-    table.add_row("top-10 share", _pct(expl.get("top10_share")), FAITHFULNESS_MEANINGS["top10_share"])
+    for name, value, meaning in _faithfulness_rows(expl.faithfulness, " — top-1 kept", " — top-1 lost"):
+        table.add_row(name.lower(), _e(value), meaning)
     return Panel(table, title="FAITHFULNESS", title_align="left")
 
 
-def render_terminal(expl: dict, console: Console) -> None:
+def render_terminal(expl: Explanation, console: Console) -> None:
     """Print the explanation as five rich panels: input, next token, trace, interpretation, faithfulness."""
     for panel in (_input_panel(expl), _next_token_panel(expl), _trace_panel(expl),
                   _interpretation_panel(expl), _faithfulness_panel(expl)):
@@ -165,9 +171,10 @@ def _heat_token(text: str, act: float, scale: float, **extra) -> dict:
     return {"text": _visible(text), "act": _num(act, 3), "bg": _heat(x), "hot": x > 0.6, **extra}
 
 
-def _histogram_svg(hist: dict, marker: float | None, width: int = 240, height: int = 56) -> dict | None:
-    edges = [e for e in (_finite(e) for e in hist.get("edges") or []) if e is not None]
-    counts = [max(_finite(c) or 0.0, 0.0) for c in hist.get("counts") or []]
+def _histogram_svg(edges: list[float], counts: list[int], marker: float | None, width: int = 240,
+                   height: int = 56) -> dict | None:
+    edges = [e for e in (_finite(e) for e in edges) if e is not None]
+    counts = [max(_finite(c) or 0.0, 0.0) for c in counts]
     if len(counts) == 0 or len(edges) != len(counts) + 1 or edges[-1] <= edges[0]:
         return None
     top = max(math.log1p(c) for c in counts) or 1.0
@@ -181,23 +188,21 @@ def _histogram_svg(hist: dict, marker: float | None, width: int = 240, height: i
     return {"w": width, "h": height, "bars": bars, "marker": mx, "lo": _num(edges[0]), "hi": _num(edges[-1])}
 
 
-def _feature_view(f: dict, max_attr: float) -> dict:
-    attr = _finite(f.get("attribution")) or 0.0
+def _feature_view(f: FeatureAttribution, max_attr: float) -> dict:
+    attr = _finite(f.attribution) or 0.0
+    ctx = f.context
     examples = []
-    for ex in (f.get("examples") or [])[:3]:
-        acts = [_finite(a) or 0.0 for a in ex.get("acts") or []]
+    for ex in (ctx.examples if ctx else [])[:3]:
+        acts = [_finite(a) or 0.0 for a in ex.acts]
         scale = max(acts, default=0.0)
-        center = ex.get("center")
-        examples.append([_heat_token(t, acts[i] if i < len(acts) else 0.0, scale, center=(i == center))
-                         for i, t in enumerate(ex.get("tokens") or [])])
-    scores = [(k, _num(v)) for k, v in (f.get("label_scores") or {}).items()]
-    promoted = [(_visible(str(p[0])), _num(p[1])) for p in (f.get("promoted") or [])[:8]
-                if isinstance(p, (list, tuple)) and len(p) == 2]
-    return {"id": int(f["id"]), "label": f.get("label") or None, "act": _num(f.get("activation")),
+        examples.append([_heat_token(t, acts[i] if i < len(acts) else 0.0, scale, center=(i == ex.center))
+                         for i, t in enumerate(ex.tokens)])
+    return {"id": f.id, "label": f.label or None, "act": _num(f.activation),
             "attr": f"{attr:+.3f}", "attr_w": f"{100 * abs(attr) / max_attr:.1f}" if max_attr > 0 else "0",
-            "attr_neg": attr < 0, "share": _pct(f.get("share")), "density": _pct_small(f.get("density")),
-            "scores": scores, "examples": examples, "promoted": promoted,
-            "hist": _histogram_svg(f.get("histogram") or {}, _finite(f.get("activation")))}
+            "attr_neg": attr < 0, "share": _pct(f.share), "density": _pct_small(ctx.density if ctx else None),
+            "scores": [(k, _num(v)) for k, v in f.label_scores.items()], "examples": examples,
+            "promoted": [(_visible(str(t)), _num(v)) for t, v in (ctx.promoted if ctx else [])[:8]],
+            "hist": _histogram_svg(*ctx.histogram, _finite(f.activation)) if ctx else None}
 
 
 def _pct_small(x: Any) -> str:
@@ -205,35 +210,29 @@ def _pct_small(x: Any) -> str:
     return "—" if x is None else f"{100 * x:.2g}%"
 
 
-def _view(expl: dict) -> dict:
-    tokens = expl.get("tokens") or []
-    peak = [max((_finite(f.get("activation")) or 0.0 for f in t.get("features") or []), default=0.0) for t in tokens]
+def _width(p: Any) -> str:
+    return f"{100 * min(max(_finite(p) or 0, 0), 1):.1f}"
+
+
+def _view(expl: Explanation) -> dict:
+    peak = [max((_finite(f.activation) or 0.0 for f in t.features), default=0.0) for t in expl.tokens]
     scale = max(peak, default=0.0)
-    features = expl.get("features") or []
-    max_attr = max((abs(_finite(f.get("attribution")) or 0.0) for f in features), default=0.0)
-    sufficient = expl.get("sufficient_top1")
-    agrees = expl.get("agrees_with_frozen")
+    max_attr = max((abs(_finite(f.attribution) or 0.0) for f in expl.features), default=0.0)
+    pred = expl.prediction
     return {
-        "text": str(expl.get("text") or ""),
-        "meta": [(k, str(expl[k])) for k in ("model", "layer", "run", "decoder") if expl.get(k) is not None],
-        "agrees": None if agrees is None else bool(agrees),
-        "trace": [str(line) for line in expl.get("trace") or []],
-        "tokens": [_heat_token(t.get("text", ""), p, scale, pos=i) for i, (t, p) in enumerate(zip(tokens, peak))],
-        "features": [_feature_view(f, max_attr) for f in features],
-        "confidence": _pct(expl.get("confidence")), "conf_w": f"{100 * min(max(_finite(expl.get('confidence')) or 0, 0), 1):.1f}",
-        "frozen_confidence": _pct(expl.get("frozen_confidence")),
-        "top": [(_visible(str(p.get("token", ""))), _pct(p.get("prob")),
-                 f"{100 * min(max(_finite(p.get('prob')) or 0, 0), 1):.1f}") for p in expl.get("top_predictions") or []],
-        "faith": [("Sufficiency", _num(expl.get("sufficiency")), FAITHFULNESS_MEANINGS["sufficiency"]
-                   + ("" if sufficient is None else "; top-1 prediction kept" if sufficient else "; top-1 prediction lost")),
-                  ("Comprehensiveness", _num(expl.get("comprehensiveness")), FAITHFULNESS_MEANINGS["comprehensiveness"]),
-                  *([("Random baseline", f"{_num(expl.get('random_sufficiency'))} / {_num(expl.get('random_comprehensiveness'))}",
-                      FAITHFULNESS_MEANINGS["random"])] if expl.get("random_sufficiency") is not None else []),
-                  ("Kept features", str(expl.get("kept_features", "—")), FAITHFULNESS_MEANINGS["kept_features"]),
-                  ("Top-10 share", _pct(expl.get("top10_share")), FAITHFULNESS_MEANINGS["top10_share"])],
-        "explanations": [(EXPLANATION_TITLES.get(k, k), v) for k, v in (expl.get("explanations") or {}).items() if v],
-        "next_token": _visible(str(expl.get("next_token", ""))),
-        "frozen_next_token": None if expl.get("frozen_next_token") is None else _visible(str(expl["frozen_next_token"])),
+        "text": expl.text,
+        "meta": _meta(expl),
+        "agrees": pred.agrees_with_frozen,
+        "trace": expl.trace,
+        "tokens": [_heat_token(t.text, p, scale, pos=i) for i, (t, p) in enumerate(zip(expl.tokens, peak))],
+        "features": [_feature_view(f, max_attr) for f in expl.features],
+        "confidence": _pct(pred.confidence), "conf_w": _width(pred.confidence),
+        "frozen_confidence": _pct(pred.frozen_confidence),
+        "top": [(_visible(p.token), _pct(p.prob), _width(p.prob)) for p in pred.top],
+        "faith": _faithfulness_rows(expl.faithfulness, "; top-1 prediction kept", "; top-1 prediction lost"),
+        "explanations": [(EXPLANATION_TITLES[k], v) for k, v in expl.explanations.to_json().items() if v],
+        "next_token": _visible(pred.token),
+        "frozen_next_token": _visible(pred.frozen_token),
     }
 
 
@@ -259,11 +258,12 @@ def _sanitize(obj: Any) -> Any:
 
 
 # -- HTML: rendering ---------------------------------------------------------------------------
-def render_html(expl: dict) -> str:
-    """One self-contained HTML page (inline CSS and JS, no external loads) for an explanation dict."""
+def render_html(expl: Explanation) -> str:
+    """One self-contained HTML page (inline CSS and JS, no external loads) for an explanation."""
     import jinja2
 
-    data = _json_for_script(expl)
+    # the page embeds the `--json` object itself; its script reads the token strip from it
+    data = _json_for_script(expl.to_json())
     # The nonce is derived from the page's data so the output is deterministic; data cannot contain it.
     nonce = hashlib.blake2b(data.encode(), digest_size=16).hexdigest()
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -272,7 +272,7 @@ def render_html(expl: dict) -> str:
     return template.render(v=_view(expl), data=Markup(data), nonce=nonce, css=Markup(_CSS), js=Markup(_JS))
 
 
-def write_html(expl: dict, path: Path) -> Path:
+def write_html(expl: Explanation, path: Path) -> Path:
     path = Path(path)
     write_text_atomic(path, render_html(expl))
     return path

@@ -29,10 +29,8 @@ _TEMPLATE = r"""<!DOCTYPE html>
     <h2>Next token</h2>
     <div class="next"><code class="token big">{{ v.next_token }}</code><span class="conf">{{ v.confidence }}</span></div>
     <div class="meter" role="img" aria-label="confidence {{ v.confidence }}"><i style="width: {{ v.conf_w }}%"></i></div>
-    {% if v.frozen_next_token is not none %}
     <p class="frozen">Frozen model: <code class="token">{{ v.frozen_next_token }}</code> {{ v.frozen_confidence }}
-      {% if v.agrees is sameas true %}<span class="badge ok">agrees</span>{% elif v.agrees is sameas false %}<span class="badge bad">disagrees</span>{% endif %}</p>
-    {% endif %}
+      {% if v.agrees %}<span class="badge ok">agrees</span>{% else %}<span class="badge bad">disagrees</span>{% endif %}</p>
     {% if v.top %}
     <ol class="topk">
       {% for tok, p, w in v.top %}

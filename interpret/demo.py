@@ -210,12 +210,13 @@ def _interpret_stages(cfg: DemoConfig, out: Path, frozen, stages: _Stages) -> No
     stages.done(t, html)
 
     t = stages.start("eval table")
+    from interpret.eval_records import EvalReport
     from interpret.report import print_table, run_eval
 
     eval_json = out / "eval" / "eval.json"
     reused = eval_json.is_file()
     if reused:
-        print_table(json.loads(eval_json.read_text()), console)
+        print_table(EvalReport.from_json(json.loads(eval_json.read_text())), console)
     else:
         run_eval(EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
                             task_examples=cfg.task_examples, ppo=out / "ppo"))

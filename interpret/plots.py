@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from interpret.run import InterpretRun
+from interpret.eval_records import EvalReport
 from models.io import atomic_path
 
 
@@ -25,25 +25,25 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def kl_by_layer(result: dict, path: Path) -> Path:
+def kl_by_layer(report: EvalReport, path: Path) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    layers = result.get("layer_curve") or []
+    layers = report.layer_curve
     if layers:
         # the last layer's logit lens is the model itself (KL 0): floored so the log axis can show it
         ax.plot([r["layer"] for r in layers], [max(r["logit_lens_kl"], 1e-3) for r in layers], "o-", color="#888",
                 label="logit lens")
     markers = iter("sD^vP*X")
-    for method, by_corpus in result["baselines"].items():
-        if method == "logit_lens" or "kl" not in by_corpus.get("in_domain", {}):
+    for method, b in report.baselines.items():
+        in_domain = b.corpora.get("in_domain")
+        if method == "logit_lens" or in_domain is None or in_domain.kl is None:
             continue
-        ax.plot([result["layer"]], [by_corpus["in_domain"]["kl"]], next(markers, "o"), markersize=9,
-                label=method.replace("_", " "))
+        ax.plot([report.layer], [in_domain.kl], next(markers, "o"), markersize=9, label=method.replace("_", " "))
     ax.axhline(0.5, color="#c33", linestyle="--", linewidth=1, label="target 0.5")
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("KL(p_frozen ‖ p_method), nats/token")
-    ax.set_title(f"{result['model']}: held-out KL by layer (run layer {result['layer']})")
+    ax.set_title(f"{report.model}: held-out KL by layer (run layer {report.layer})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     out = _save(fig, path)
@@ -78,10 +78,11 @@ def ppo_curves(history: list[dict], path: Path, title: str) -> Path:
     return out
 
 
-def write_plots(result: dict, run: InterpretRun, folder: Path, cfg=None) -> list[Path]:
+def write_plots(report: EvalReport, folder: Path) -> list[Path]:
+    """KL by layer, and the PPO run's training curves when a PPO decoder with a history.json was evaluated."""
     folder = Path(folder)
-    paths = [kl_by_layer(result, folder / "kl_by_layer.png")]
-    ppo_decoder = result["decoders"].get("PPO decoder")
+    paths = [kl_by_layer(report, folder / "kl_by_layer.png")]
+    ppo_decoder = report.decoders.get("PPO decoder")
     if ppo_decoder:
         history = Path(ppo_decoder).parent / "history.json"
         if history.is_file():

@@ -20,30 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from interpret.config import EvalConfig
+from interpret.eval_records import TARGETS, Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.run import InterpretRun
 from models.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-# metric key -> (description, target text, test)
-TARGETS = {
-    "kl": ("decoder faithfulness: KL(p_frozen ‖ p_decoder), nats/token", "< 0.5", lambda v: v < 0.5),
-    "top1": ("decoder top-1 agreement with the frozen model", "> 75%", lambda v: v > 0.75),
-    "l0": ("sparsity: active SAE features per token (L0)", "50–100", lambda v: 50 <= v <= 100),
-    "task_degradation": ("task-accuracy loss vs the frozen model (accuracy points)", "< 3", lambda v: v < 3.0),
-    "label_coverage": ("live features with a verified label (detection ≥ 0.7)", "> 85%", lambda v: v > 0.85),
-    "ood_kl": ("out-of-domain decoder KL, nats/token", "< 1.0", lambda v: v < 1.0),
-    "fvu": ("SAE reconstruction: fraction of variance unexplained", "< 0.2", lambda v: v < 0.2),
-    "mse": ("SAE reconstruction: MSE on normalised activations (E‖x‖² = d)", "< 0.2", lambda v: v < 0.2),
-    "top10_share": ("explanation coverage: top-10 share of attribution magnitude per prediction", "≥ 30%", lambda v: v >= 0.30),
-}
-PERCENT = {"top1", "label_coverage", "top10_share"}
-
-
-def row(metric: str, value: float | None, note: str = "") -> dict:
-    desc, target, test = TARGETS[metric]
-    return {"metric": metric, "description": desc, "target": target, "value": value,
-            "passed": None if value is None else bool(test(value)), "note": note}
+PRIMARY = "supervised decoder"
+"""The decoder the metrics rows judge; a PPO decoder, if any, is shown beside it in the baselines."""
 
 
 def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig, Path | None, Path | None]:
@@ -65,9 +49,10 @@ def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig
     return replace(cfg, data=data, ood=ood), ppo, lens
 
 
-def _label_coverage(run: InterpretRun) -> tuple[float | None, str, dict]:
+def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
+    """The label-coverage row, and the label scores' summary it was computed from."""
     if not (run.scores.is_file() and run.evidence.is_file()):
-        return None, "not measured: run `features label` and `features score`", {}
+        return MetricRow.measure("label_coverage", None, "not measured: run `features label` and `features score`"), {}
     live = int(json.loads(run.evidence.read_text())["live"])
     scores = json.loads(run.scores.read_text())
     best: dict[str, float] = {}
@@ -78,113 +63,155 @@ def _label_coverage(run: InterpretRun) -> tuple[float | None, str, dict]:
     verified = sum(v >= 0.7 for v in best.values())
     note = (f"{verified} of {live:,} live features verified; {len(best)} scored"
             + (f", of which {verified / len(best):.0%} pass" if best else ""))
-    return verified / max(1, live), note, scores.get("summary", {})
+    return MetricRow.measure("label_coverage", verified / max(1, live), note), scores.get("summary", {})
 
 
-def _top10_share(run: InterpretRun) -> tuple[float | None, str]:
+def _importance_share_row(run: InterpretRun) -> MetricRow:
     if not run.importance.is_file():
-        return None, "not measured: run `features importance`"
+        return MetricRow.measure("top10_share", None, "not measured: run `features importance`")
     imp = json.loads(run.importance.read_text())
-    return imp["top10_share"], f"{imp['share_predictions']} predictions, decoder {imp.get('decoder')}"
+    return MetricRow.measure("top10_share", imp["top10_share"],
+                             f"{imp['share_predictions']} predictions, decoder {imp.get('decoder')}")
 
 
-def evaluate_run(cfg: EvalConfig, progress: bool = True) -> dict:
-    import torch
-
-    from distill.evaluate import score_corpus
-    from distill.task_eval import evaluate_tasks
-    from interpret.components import load_components
+def _load_methods(comp, ppo_dir: Path | None, lens_dir: Path | None) -> tuple[dict, object | None]:
+    """The decoders to score (name → (decoder, SAE)) and the tuned lens, if the run has one."""
     from models.decoder import load_decoder
     from models.head import FrozenHead
     from models.lens import TunedLens
+
+    head = FrozenHead.from_frozen(comp.frozen)
+    decoders = {PRIMARY: (comp.decoder, comp.sae)}
+    if ppo_dir is not None:
+        decoders["PPO decoder"] = (load_decoder(ppo_dir, head), comp.sae)
+    return decoders, TunedLens.load(lens_dir, head) if lens_dir is not None else None
+
+
+def _score_corpora(cfg: EvalConfig, comp, decoders: dict, lens, progress: bool) -> dict[str, dict]:
+    """Every method (decoders, logit/tuned lens, spliced SAE) on the held-out in-domain data and, if given, the OOD source."""
+    import torch
+
+    from distill.evaluate import score_corpus
+
+    torch.manual_seed(cfg.seed)
+    corpora = {"in_domain": score_corpus(cfg, comp.frozen, comp.layer, decoders, comp.sae, lens, progress)}
+    if cfg.ood:
+        corpora["ood"] = score_corpus(replace(cfg, split="ood"), comp.frozen, comp.layer, decoders, comp.sae, lens, progress)
+    return corpora
+
+
+def _sae_metrics(cfg: EvalConfig, comp, progress: bool) -> dict:
     from sae.metrics import SaeEvalConfig, evaluate_sae
+
+    sae_cfg = SaeEvalConfig(model=cfg.model, data=cfg.data, tokens=cfg.tokens, split=cfg.split, splice=False,
+                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+    return evaluate_sae(comp.sae, comp.frozen, sae_cfg, comp.layer, progress)
+
+
+def _layer_curve(cfg: EvalConfig, frozen, progress: bool) -> list[dict]:
+    from distill.baseline import BaselineConfig, measure_baseline
+
+    # the logit lens needs far fewer tokens than the decoders for a stable curve
+    base_cfg = BaselineConfig(model=cfg.model, data=cfg.data, split=cfg.split, seq_len=cfg.seq_len,
+                              tokens=min(cfg.tokens, 4096), batch_size=cfg.batch_size, seed=cfg.seed)
+    return measure_baseline(base_cfg, frozen, progress)["layers"]
+
+
+def _suites(cfg: EvalConfig) -> list[str]:
+    return [s.strip() for s in cfg.tasks.split(",") if s.strip()]
+
+
+def _tasks(cfg: EvalConfig, comp, decoders: dict) -> dict | None:
+    from distill.task_eval import evaluate_tasks
+
+    suites = _suites(cfg)
+    if not (suites and cfg.task_examples):
+        return None
+    return evaluate_tasks(comp.frozen, comp.layer, decoders, suites, cfg.task_examples, cfg.seed, mode=cfg.task_mode,
+                          prompt_format=cfg.prompt_format)
+
+
+def _decoder_rows(cfg: EvalConfig, corpora: dict[str, dict]) -> list[MetricRow]:
+    ind = corpora["in_domain"]["methods"][PRIMARY]
+    ood = corpora.get("ood")
+    return [MetricRow.measure("kl", ind["kl"], f"{corpora['in_domain']['tokens']:,} held-out tokens of {cfg.data}"),
+            MetricRow.measure("top1", ind["top1"]),
+            MetricRow.measure("ood_kl", ood["methods"][PRIMARY]["kl"] if ood else None,
+                              f"{ood['tokens']:,} tokens of {cfg.ood}" if ood else "not measured: pass --ood SOURCE")]
+
+
+def _sae_rows(comp, sae_metrics: dict) -> list[MetricRow]:
+    sae_cfg = comp.sae.cfg
+    return [MetricRow.measure("l0", sae_metrics["l0"], f"{sae_cfg.arch} SAE, {sae_cfg.num_latents:,} latents"),
+            MetricRow.measure("fvu", sae_metrics["fvu"]),
+            MetricRow.measure("mse", sae_metrics["mse_normalized"])]
+
+
+def _task_row(cfg: EvalConfig, tasks: dict | None) -> MetricRow:
+    if not tasks:
+        return MetricRow.measure("task_degradation", None, "not measured (--tasks empty)")
+    overall = tasks["overall"]
+    primary = overall["decoders"][PRIMARY]
+    return MetricRow.measure(
+        "task_degradation", primary["degradation_points"],
+        f"frozen {overall['frozen']:.1%} vs decoder {primary['accuracy']:.1%} over {overall['examples']} examples "
+        f"({', '.join(_suites(cfg))}; {cfg.task_mode}, {tasks['prompt_format']} prompts)")
+
+
+def _baselines(corpora: dict[str, dict], tasks: dict | None, decoders: dict) -> dict[str, Baseline]:
+    baselines: dict[str, Baseline] = {}
+    for corpus, res in corpora.items():
+        for method, m in res["methods"].items():
+            baselines.setdefault(method, Baseline()).corpora[corpus] = CorpusScore(m["ce"], m["kl"], m["top1"])
+    if tasks:
+        for name in decoders:
+            baselines[name].task_accuracy = tasks["overall"]["decoders"][name]["accuracy"]
+        baselines["frozen"] = Baseline({c: CorpusScore(r["frozen_ce"]) for c, r in corpora.items()},
+                                       tasks["overall"]["frozen"])
+    return baselines
+
+
+def evaluate_run(cfg: EvalConfig, progress: bool = True) -> EvalReport:
+    """Measure every metrics row and baseline for the run in `cfg.run` (plots and config are left to `run_eval`)."""
+    from interpret.components import load_components
 
     run = InterpretRun(cfg.run)
     comp = load_components(run, cfg)
     cfg, ppo_dir, lens_dir = _resolve(run, cfg, comp.meta)
-    frozen, sae, layer = comp.frozen, comp.sae, comp.layer
-    head = FrozenHead.from_frozen(frozen)
-    decoders = {"supervised decoder": (comp.decoder, sae)}
-    if ppo_dir is not None:
-        decoders["PPO decoder"] = (load_decoder(ppo_dir, head), sae)
-    lens = TunedLens.load(lens_dir, head) if lens_dir is not None else None
-    torch.manual_seed(cfg.seed)
-    corpora = {"in_domain": score_corpus(cfg, frozen, layer, decoders, sae, lens, progress)}
-    if cfg.ood:
-        corpora["ood"] = score_corpus(replace(cfg, split="ood"), frozen, layer, decoders, sae, lens, progress)
-    sae_cfg = SaeEvalConfig(model=cfg.model, data=cfg.data, tokens=cfg.tokens, split=cfg.split, splice=False,
-                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-    sae_metrics = evaluate_sae(sae, frozen, sae_cfg, layer, progress)
-    from distill.baseline import BaselineConfig, measure_baseline
-
-    layer_curve = measure_baseline(BaselineConfig(model=cfg.model, data=cfg.data, split=cfg.split, seq_len=cfg.seq_len,
-                                                  tokens=min(cfg.tokens, 4096), batch_size=cfg.batch_size, seed=cfg.seed),
-                                   frozen, progress)["layers"]
-    suites = [s.strip() for s in cfg.tasks.split(",") if s.strip()]
-    tasks = (evaluate_tasks(frozen, layer, decoders, suites, cfg.task_examples, cfg.seed, mode=cfg.task_mode,
-                            prompt_format=cfg.prompt_format) if suites and cfg.task_examples else None)
-    primary = "supervised decoder"
-    ind = corpora["in_domain"]["methods"]
-    coverage, coverage_note, label_summary = _label_coverage(run)
-    share, share_note = _top10_share(run)
-    degradation = None
-    task_note = "not measured (--tasks empty)"
-    if tasks:
-        overall = tasks["overall"]
-        degradation = overall["decoders"][primary]["degradation_points"]
-        task_note = (f"frozen {overall['frozen']:.1%} vs decoder {overall['decoders'][primary]['accuracy']:.1%} over "
-                     f"{overall['examples']} examples ({', '.join(suites)}; {cfg.task_mode}, {tasks['prompt_format']} prompts)")
-    rows = [
-        row("kl", ind[primary]["kl"], f"{corpora['in_domain']['tokens']:,} held-out tokens of {cfg.data}"),
-        row("top1", ind[primary]["top1"]),
-        row("l0", sae_metrics["l0"], f"{sae.cfg.arch} SAE, {sae.cfg.num_latents:,} latents"),
-        row("task_degradation", degradation, task_note),
-        row("label_coverage", coverage, coverage_note),
-        row("ood_kl", corpora["ood"]["methods"][primary]["kl"] if "ood" in corpora else None,
-            f"{corpora['ood']['tokens']:,} tokens of {cfg.ood}" if "ood" in corpora else "not measured: pass --ood SOURCE"),
-        row("fvu", sae_metrics["fvu"]),
-        row("mse", sae_metrics["mse_normalized"]),
-        row("top10_share", share, share_note),
-    ]
-    baselines = {}
-    for corpus, res in corpora.items():
-        for method, m in res["methods"].items():
-            key = {"logit_lens": "logit_lens", "tuned_lens": "tuned_lens", "spliced_sae": "spliced_sae"}.get(method, method)
-            baselines.setdefault(key, {})[corpus] = {k: m[k] for k in ("kl", "top1", "ce")}
-    if tasks:
-        for name in decoders:
-            baselines[name]["task_accuracy"] = tasks["overall"]["decoders"][name]["accuracy"]
-        baselines["frozen"] = {"task_accuracy": tasks["overall"]["frozen"],
-                               **{c: {"ce": r["frozen_ce"]} for c, r in corpora.items()}}
-    return {"run": str(run.root), "model": frozen.name, "layer": layer, "data": cfg.data, "ood": cfg.ood,
-            "rows": rows, "baselines": baselines, "layer_curve": layer_curve, "corpora": corpora, "sae": {k: v for k, v in sae_metrics.items()
-                                                                            if not isinstance(v, (dict, list))},
-            "tasks": tasks, "labels": label_summary, "decoders": {"supervised decoder": str(run.decoder_dir),
-                                                                   "PPO decoder": str(ppo_dir) if ppo_dir else None},
-            "lens": str(lens_dir) if lens_dir else None}
+    decoders, lens = _load_methods(comp, ppo_dir, lens_dir)
+    corpora = _score_corpora(cfg, comp, decoders, lens, progress)
+    sae_metrics = _sae_metrics(cfg, comp, progress)
+    layer_curve = _layer_curve(cfg, comp.frozen, progress)
+    tasks = _tasks(cfg, comp, decoders)
+    coverage, label_summary = _label_coverage_row(run)
+    rows = {r.metric: r for r in [*_decoder_rows(cfg, corpora), *_sae_rows(comp, sae_metrics), _task_row(cfg, tasks),
+                                  coverage, _importance_share_row(run)]}
+    return EvalReport(
+        run=str(run.root), model=comp.frozen.name, layer=comp.layer, data=cfg.data, ood=cfg.ood,
+        rows=[rows[m] for m in TARGETS], baselines=_baselines(corpora, tasks, decoders), layer_curve=layer_curve,
+        corpora=corpora, sae={k: v for k, v in sae_metrics.items() if not isinstance(v, (dict, list))}, tasks=tasks,
+        labels=label_summary, decoders={PRIMARY: str(run.decoder_dir), "PPO decoder": str(ppo_dir) if ppo_dir else None},
+        lens=str(lens_dir) if lens_dir else None)
 
 
-def _fmt(metric: str, value) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.1%}" if metric in PERCENT else f"{value:.3f}"
+def _baseline_cell(b: Baseline, corpus: str) -> str:
+    s = b.corpora.get(corpus)
+    return "—" if s is None or s.kl is None else f"{s.kl:.3f} · {s.top1:.1%}"
 
 
-def report_markdown(result: dict) -> str:
-    lines = [f"faithlens eval — {result['run']} ({result['model']}, layer {result['layer']})", "",
+def report_markdown(report: EvalReport) -> str:
+    lines = [f"faithlens eval — {report.run} ({report.model}, layer {report.layer})", "",
              "| metric | target | value | passed | note |", "|---|---|---:|---|---|"]
-    for r in result["rows"]:
-        passed = "not measured" if r["passed"] is None else ("yes" if r["passed"] else "**no**")
-        lines.append(f"| {r['description']} | {r['target']} | {_fmt(r['metric'], r['value'])} | {passed} | {r['note']} |")
-    lines += ["", "Baselines (KL nats/token · top-1):", "", "| method | " + " | ".join(result["corpora"]) + " |",
-              "|---|" + "---:|" * len(result["corpora"])]
-    for method, by_corpus in result["baselines"].items():
-        cells = [f"{by_corpus[c]['kl']:.3f} · {by_corpus[c]['top1']:.1%}" if c in by_corpus and "kl" in by_corpus[c] else "—"
-                 for c in result["corpora"]]
-        if "kl" in json.dumps(by_corpus):
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if result.get("tasks"):
-        t = result["tasks"]
+    for r in report.rows:
+        passed = "not measured" if r.passed is None else ("yes" if r.passed else "**no**")
+        lines.append(f"| {r.description} | {r.target} | {r.shown_value} | {passed} | {r.note} |")
+    lines += ["", "Baselines (KL nats/token · top-1):", "", "| method | " + " | ".join(report.corpora) + " |",
+              "|---|" + "---:|" * len(report.corpora)]
+    for method, b in report.baselines.items():
+        if b.scored_kl:
+            lines.append(f"| {method} | " + " | ".join(_baseline_cell(b, c) for c in report.corpora) + " |")
+    if report.tasks:
+        t = report.tasks
         names = list(t["overall"]["decoders"])
         lines += ["", f"Task accuracy (exact match after answer normalisation; {t['mode']}, {t['prompt_format']} prompts):", "",
                   "| suite | examples | frozen | " + " | ".join(names) + " |", "|---|" + "---:|" * (2 + len(names))]
@@ -194,39 +221,38 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def print_table(result: dict, console: Console) -> None:
+def print_table(report: EvalReport, console: Console) -> None:
     from rich.markup import escape
 
-    table = Table(title=f"faithlens eval · {escape(result['run'])} · layer {result['layer']}")
+    table = Table(title=f"faithlens eval · {escape(report.run)} · layer {report.layer}")
     for col, just in (("metric", "left"), ("target", "right"), ("value", "right"), ("", "center"), ("note", "left")):
         table.add_column(col, justify=just)
-    for r in result["rows"]:
-        mark = "[dim]not measured[/]" if r["passed"] is None else ("[green]✓ met[/]" if r["passed"] else "[red]✗ not met[/]")
-        table.add_row(escape(r["description"]), r["target"], _fmt(r["metric"], r["value"]), mark, escape(r["note"]))
+    for r in report.rows:
+        mark = "[dim]not measured[/]" if r.passed is None else ("[green]✓ met[/]" if r.passed else "[red]✗ not met[/]")
+        table.add_row(escape(r.description), r.target, r.shown_value, mark, escape(r.note))
     console.print(table)
     base = Table(title="baselines: KL (nats/token) · top-1")
     base.add_column("method")
-    for c in result["corpora"]:
+    for c in report.corpora:
         base.add_column(c, justify="right")
-    for method, by_corpus in result["baselines"].items():
-        if any("kl" in by_corpus.get(c, {}) for c in result["corpora"]):
-            base.add_row(escape(method), *[f"{by_corpus[c]['kl']:.3f} · {by_corpus[c]['top1']:.1%}" if "kl" in by_corpus.get(c, {})
-                                           else "—" for c in result["corpora"]])
+    for method, b in report.baselines.items():
+        if b.scored_kl:
+            base.add_row(escape(method), *[_baseline_cell(b, c) for c in report.corpora])
     console.print(base)
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def run_eval(cfg: EvalConfig) -> EvalReport:
     from interpret.plots import write_plots
 
-    result = evaluate_run(cfg, progress=not cfg.json)
+    report = evaluate_run(cfg, progress=not cfg.json)
     out = InterpretRun(cfg.run).root / "eval"
-    result["plots"] = [str(p) for p in write_plots(result, InterpretRun(cfg.run), cfg.plots or out / "plots", cfg)]
-    result["config"] = {k: str(v) for k, v in asdict(cfg).items()}
-    write_json_atomic(out / "eval.json", result)
-    write_text_atomic(out / "eval.md", report_markdown(result) + "\n")
+    report.plots = [str(p) for p in write_plots(report, cfg.plots or out / "plots")]
+    report.config = {k: str(v) for k, v in asdict(cfg).items()}
+    write_json_atomic(out / "eval.json", report.to_json())
+    write_text_atomic(out / "eval.md", report_markdown(report) + "\n")
     if cfg.json:
-        print(json.dumps(result))
+        print(json.dumps(report.to_json()))
     else:
-        print_table(result, Console())
+        print_table(report, Console())
         print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} and plots in {cfg.plots or out / 'plots'}")
-    return result
+    return report

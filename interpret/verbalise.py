@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from interpret.explain_records import Explanation
+
 VERBALISE_PROMPT_VERSION = "verbalise-v1"
 
 
-def verbalise_prompt(result: dict, n: int = 6) -> str:
-    lines = [f"A language model read the text {result['text']!r} and predicts the next token {result['next_token']!r} "
-             f"with probability {result['confidence']:.2f}. The internal features that drove this prediction, "
+def verbalise_prompt(result: Explanation, n: int = 6) -> str:
+    pred = result.prediction
+    lines = [f"A language model read the text {result.text!r} and predicts the next token {pred.token!r} "
+             f"with probability {pred.confidence:.2f}. The internal features that drove this prediction, "
              "strongest first (positive = supports it, negative = works against it):"]
-    for card in result["features"][:n]:
-        lines.append(f"- {card.get('label') or 'unlabelled feature #' + str(card['id'])}: {card['attribution']:+.2f}")
+    for card in result.features[:n]:
+        lines.append(f"- {card.label or 'unlabelled feature #' + str(card.id)}: {card.attribution:+.2f}")
     lines.append("In one or two plain sentences, explain why the model predicts this token.")
     return "\n".join(lines)
 
@@ -34,7 +37,7 @@ def _local_generate(frozen, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def verbalise(result: dict, comp, backend: str = "local", local_model: str | None = None, openai_base_url: str = "",
+def verbalise(result: Explanation, comp, backend: str = "local", local_model: str | None = None, openai_base_url: str = "",
               openai_model: str = "", api_key_env: str = "OPENAI_API_KEY", max_new_tokens: int = 60) -> str:
     prompt = verbalise_prompt(result)
     if backend == "openai":

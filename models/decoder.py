@@ -1,9 +1,12 @@
 """Decoders: sparse SAE features → logits over the frozen model's full vocabulary.
 
-One interface for every architecture: `forward(indices_BTK, values_BTK)` takes fixed-width
-sparse features (slots with value 0 are unused) and returns logits_BTV; `forward_dense(feats_BTF)`
-takes the same features as a dense tensor through a separate (matmul) path. Decoders take
-feature ids and values, never an SAE object, so this module does not depend on `sae/`.
+`FeatureDecoder` is what every architecture offers its callers, so that none of them needs to know
+which one it holds: `forward(indices_BTK, values_BTK, first=0)` takes fixed-width sparse features
+(slots with value 0 are unused) and returns logits_BTV; `last_logits` the logits at each row's last
+position; `forward_dense(feats_BTF)` the same as `forward` through a separate (matmul) path;
+`needs_context` whether a position's logits read earlier positions; `direct_effects` each feature's
+logit change per unit activation along the path that skips any mixing across positions. Decoders
+take feature ids and values, never an SAE object, so this module does not depend on `sae/`.
 
 - `linear`: features → vocabulary, optionally through a rank-r bottleneck.
 - `readout`: features → d_model → the frozen final norm and unembedding (+ optional vocabulary
@@ -79,27 +82,93 @@ def dense_to_sparse(feats_BTF: Tensor, width: int | None = None) -> tuple[Tensor
     return indices, values
 
 
-class Decoder(nn.Module):
-    """Common machinery: the frozen head, the vocabulary bias, checkpoints."""
+class FeatureDecoder(nn.Module):
+    """The interface of every decoder: sparse features → logits over the vocabulary.
+
+    An architecture implements `hidden` (its state per position), `hidden_dense` (the same from dense
+    features), `readout` (state → logits) and `direct_effects`; a context decoder also returns True from
+    `needs_context`. Everything callers use is built from those here, in one place.
+    """
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether a position's logits read the features of earlier positions (then inputs are [B, T, K])."""
+        return False
+
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement hidden()")
+
+    def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement hidden_dense()")
+
+    def readout(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement readout()")
+
+    def direct_effects(self, feature_ids: Tensor) -> Tensor:
+        """Logit change per unit activation of each feature through the decoder's direct path [n, V]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement direct_effects()")
+
+    def forward(self, indices_BTK: Tensor, values_BTK: Tensor, first: int = 0) -> Tensor:
+        """Logits of positions first..T−1. Positions before `first` are only context: a context decoder
+        reads them, the others skip them. Per-position decoders also take any [..., K] shape (first = 0)."""
+        if self.needs_context:
+            return self.readout(self.hidden(indices_BTK, values_BTK)[:, first:])
+        return self.readout(self.hidden(indices_BTK[:, first:], values_BTK[:, first:]))
+
+    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
+        return self.readout(self.hidden_dense(feats_BTF))
+
+    def last_logits(self, indices_BTK: Tensor, values_BTK: Tensor, lengths_B: Tensor | None = None) -> Tensor:
+        """Logits [B, V] at each row's last position, lengths_B − 1 (default T − 1); rows start at position 0.
+
+        The readout (for most decoders the 49k-wide head) runs on one position per row; a context decoder
+        reads each row up to its last position (what follows it never reaches it: attention is causal).
+        """
+        B, T = indices_BTK.shape[:2]
+        rows = torch.arange(B, device=indices_BTK.device)
+        last_B = lengths_B.to(indices_BTK.device) - 1 if lengths_B is not None else torch.full_like(rows, T - 1)
+        if self.needs_context:
+            return self.readout(self.hidden(indices_BTK, values_BTK)[rows, last_B])
+        return self.readout(self.hidden(indices_BTK[rows, last_B], values_BTK[rows, last_B]))
+
+
+class Decoder(FeatureDecoder):
+    """The architectures saved as checkpoints: config, frozen head, vocabulary bias, initialisation."""
 
     def __init__(self, cfg: DecoderConfig, head: FrozenHead | None):
         super().__init__()
         self.cfg = cfg
         self.head = head
         self.bias_V = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.vocab_bias else None
-
-    @property
-    def uses_context(self) -> bool:
-        return False
+        self.blocks = nn.ModuleList()
+        """Transformer blocks between the features and the head (only the context decoder has any)."""
+        self.source_blocks: list[int] | None = None
+        """The frozen model's layers the blocks were copied from (recorded in decoder.json)."""
+        self.meta: dict = {}
+        """decoder.json as loaded."""
 
     def _add_bias(self, logits: Tensor) -> Tensor:
         return logits + self.bias_V if self.bias_V is not None else logits
 
-    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        raise NotImplementedError
+    def readout(self, hidden: Tensor) -> Tensor:
+        return self._add_bias(self.head(hidden))
 
-    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
-        raise NotImplementedError
+    def init_from_sae(self, W_dec_FD: Tensor, b_dec_D: Tensor) -> None:
+        """Start from the SAE's decoder, so that the stream starts as the SAE reconstruction."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init_from_sae()")
+
+    @torch.no_grad()
+    def init_from_blocks(self, frozen_blocks: list[nn.Module]) -> list[str]:
+        """Copy Llama-family blocks (one per decoder block: same names, same rotary convention); returns what was loaded."""
+        if len(frozen_blocks) != len(self.blocks):
+            raise ConfigError(f"init_from_blocks: {len(frozen_blocks)} source blocks for {len(self.blocks)} decoder blocks")
+        for mine, theirs in zip(self.blocks, frozen_blocks):
+            state = {k: v.float() for k, v in theirs.state_dict().items()}
+            missing, _ = mine.load_state_dict(state, strict=False)
+            if missing:
+                raise ConfigError(f"--init upper-blocks: the model's blocks ({type(theirs).__name__}) lack {missing[:3]}; "
+                                  "use --init zero for this architecture")
+        return [type(b).__name__ for b in frozen_blocks]
 
     # -- artifacts -------------------------------------------------------------------------
     def save(self, directory: Path, extra: dict | None = None) -> None:

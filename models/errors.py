@@ -1,4 +1,4 @@
-"""The one exception type that the CLI turns into a one-line message and a non-zero exit."""
+"""The two exception types the CLI turns into a one-line message and exit status 2: bad input, a failed job."""
 
 
 class ConfigError(Exception):

@@ -132,12 +132,11 @@ def _from_hub(model_id: str, dtype: torch.dtype):
     except OSError:
         pass
     hint = "pass a local model directory or --model embedded:smollm2-135m-instruct"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if hub_offline():
         raise ConfigError(f"--model: '{model_id}' is not a local directory and HF_HUB_OFFLINE is set; {hint}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if not _reachable(endpoint):
+    if not hub_reachable():
         raise ConfigError(
-            f"--model: '{model_id}' is not a local directory and the Hugging Face hub ({endpoint}) "
+            f"--model: '{model_id}' is not a local directory and the Hugging Face hub ({hub_endpoint()}) "
             f"cannot be reached; {hint}"
         )
     try:
@@ -147,8 +146,20 @@ def _from_hub(model_id: str, dtype: torch.dtype):
         raise ConfigError(f"--model: could not load '{model_id}' from the hub ({first_line}); {hint}") from e
 
 
-def _reachable(url: str, timeout_s: float = 3.0) -> bool:
-    parsed = urlparse(url)
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids the Hugging Face hub (set to anything but empty, 0 or false)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub may be used: not offline, and its endpoint accepts a connection within `timeout_s`."""
+    if hub_offline():
+        return False
+    parsed = urlparse(hub_endpoint())
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         with socket.create_connection((parsed.hostname, port), timeout=timeout_s):

@@ -8,6 +8,7 @@ a `gymnasium.vector.VectorEnv` with next-step autoreset, which RLlib samples nat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,8 +27,8 @@ from sae.model import SparseAutoencoder
 COMPONENTS = ("reward", "r_faith", "r_mono", "r_task", "features_needed")
 
 
-class Engine:
-    """Base engine: spaces, SAE features, reward, statistics. Subclasses implement `_reset_rows`/`_advance`."""
+class Engine(ABC):
+    """Base engine: spaces, SAE features, reward, statistics. Subclasses implement `reset_rows` and `step`."""
 
     def __init__(self, cfg: EnvConfig, num_envs: int, frozen=None):
         self.cfg, self.num_envs = cfg, num_envs
@@ -120,11 +121,14 @@ class Engine:
         self.rng = np.random.default_rng(seed)
         self.noise = torch.Generator().manual_seed(seed + 17)
 
+    @abstractmethod
     def reset_rows(self, rows: np.ndarray) -> dict:
-        raise NotImplementedError
+        """Start a new episode in each of `rows`; the observations of all sub-environments."""
 
-    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, actions: np.ndarray, skip: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """One step of every sub-environment except the rows set in `skip` (they get reward 0):
+        observations, rewards, terminated, truncated, and per-step info (reward components and weights)."""
 
 
 class BatchedVectorEnv(VectorEnv):

@@ -68,7 +68,7 @@ class EnvConfig(RewardConfig):
     """Feature slots per position in observations (0 = the SAE's sparse width)."""
 
     tasks: str = "builtin:tasks"
-    """generation: task prompts (builtin:tasks, builtin:tasks:SUITE, or a GSM8K-style .jsonl)."""
+    """generation: task prompts, any task-suite spec (builtin:tasks[:SUITE], gsm8k[:PATH], boolq, squad, hf:NAME, a .jsonl file)."""
 
     max_new_tokens: int = 8
     """generation: tokens the decoder may write before the episode is cut."""

@@ -1,11 +1,12 @@
 """`GenerationEnv`: the decoder writes the answer to a task prompt, on policy.
 
-An episode is one task prompt ("Question: …\\nAnswer:"). Each step the decoder's token is appended,
-the frozen model advances one token with its KV cache, and the next observation is the SAE
-features at the new position (and the C before it). The episode ends at EOS, at the answer
-delimiter (a newline), or after `max_new_tokens`; the answer is then checked (exact match after
-normalisation) and r_task = 1 is paid on the final step if it is right. r_faith uses the frozen
-model's exact next-token distribution at every step.
+An episode is one task prompt ("Question: …\\nAnswer:") of `--tasks`, which takes any suite spec
+`corpus.tasks.load_suite` accepts. Each step the decoder's token is appended, the frozen model
+advances one token with its KV cache, and the next observation is the SAE features at the new
+position (and the C before it). The episode ends at EOS, at the answer delimiter (a newline), or
+after `max_new_tokens`; the answer is then checked (exact match after normalisation, against any
+of the example's references) and r_task = 1 is paid on the final step if it is right. r_faith uses
+the frozen model's exact next-token distribution at every step.
 
 Natively batched: every step is one frozen-model call for all sub-environments. Each row keeps
 its own KV cache; for the call they are left-padded into one batch (attention mask + explicit
@@ -14,38 +15,29 @@ position ids), and split back afterwards. A row that starts a new episode is pre
 
 from __future__ import annotations
 
-from itertools import cycle
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from corpus.tasks import SUITES, generate_tasks, is_correct, load_task_file
+from corpus.answers import is_correct
+from corpus.tasks import task_stream
 from models.errors import ConfigError
 from rl_env.base import BatchedVectorEnv, Engine, SingleEnv
 from rl_env.config import EnvConfig
 
 
-def task_stream(spec: str, seed: int):
-    """builtin:tasks, builtin:tasks:SUITE[+SUITE], or a GSM8K-style .jsonl (cycled)."""
-    if spec.startswith("builtin:tasks"):
-        suites = tuple(s for s in spec.removeprefix("builtin:tasks").lstrip(":").split("+") if s) or tuple(SUITES)
-        unknown = [s for s in suites if s not in SUITES]
-        if unknown:
-            raise ConfigError(f"--tasks: unknown suite(s) {unknown} (known: {', '.join(SUITES)})")
-        return generate_tasks(seed, suites)
-    path = Path(spec)
-    if not path.is_file():
-        raise ConfigError(f"--tasks {spec}: expected builtin:tasks[:SUITE] or a .jsonl file of task examples")
-    return cycle(load_task_file(path))
+def _tasks(spec: str, seed: int):
+    try:
+        return task_stream(spec, seed)
+    except ConfigError as e:
+        raise ConfigError(f"--tasks: {e}") from None
 
 
 class GenerationEngine(Engine):
     def __init__(self, cfg: EnvConfig, num_envs: int, frozen=None):
         super().__init__(cfg, num_envs, frozen)
-        self.tasks = task_stream(cfg.tasks, cfg.seed)
+        self.tasks = _tasks(cfg.tasks, cfg.seed)
         self.tok = self.frozen.tokenizer
         n = num_envs
         self.examples: list = [None] * n
@@ -59,7 +51,7 @@ class GenerationEngine(Engine):
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
-        self.tasks = task_stream(self.cfg.tasks, seed)
+        self.tasks = _tasks(self.cfg.tasks, seed)
 
     # -- frozen-model calls ------------------------------------------------------------------
     @torch.inference_mode()
@@ -132,7 +124,7 @@ class GenerationEngine(Engine):
             text = self.tok.decode(self.generated[r], skip_special_tokens=True)
             if int(a[i]) == self.frozen.eos_token_id or "\n" in text or len(self.generated[r]) >= self.cfg.max_new_tokens:
                 ends[i] = True
-                task[i] = float(is_correct(text.split("\n")[0], self.examples[r].answer))
+                task[i] = float(is_correct(text.split("\n")[0], self.examples[r].references))
                 truncated[r] = len(self.generated[r]) >= self.cfg.max_new_tokens and "\n" not in text \
                     and int(a[i]) != self.frozen.eos_token_id
                 terminated[r] = not truncated[r]

@@ -12,41 +12,24 @@ reward = α·r_faith + β·r_mono + γ·r_task, for a batch of sub-environment s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from models.errors import ConfigError
+from training.schedule import Phase, phase_index
+from training.schedule import parse_phases as parse_schedule_phases
 
 DEFAULT_PHASES = "2:0.5/0.3/0.2,6:0.4/0.3/0.3,2:0.3/0.2/0.5"
 """The original design's three phases: (α, β, γ) with step counts in the ratio 2:6:2."""
 
 
-@dataclass(frozen=True)
-class Phase:
-    fraction: float
-    alpha: float
-    beta: float
-    gamma: float
+WEIGHT_NAMES = ("alpha", "beta", "gamma")
 
 
 def parse_phases(text: str, flag: str = "--phases") -> list[Phase]:
     """'2:0.5/0.3/0.2,6:...' → phases whose fractions sum to 1 (RATIO:ALPHA/BETA/GAMMA, comma-separated)."""
-    phases = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        try:
-            ratio, weights = part.split(":")
-            alpha, beta, gamma = (float(w) for w in weights.split("/"))
-            phases.append((float(ratio), alpha, beta, gamma))
-        except ValueError:
-            raise ConfigError(f"{flag}: expected RATIO:ALPHA/BETA/GAMMA phases separated by commas, got {part!r}") from None
-        if phases[-1][0] <= 0 or min(phases[-1][1:]) < 0:
-            raise ConfigError(f"{flag}: ratios must be > 0 and weights >= 0, got {part!r}")
-    if not phases:
-        raise ConfigError(f"{flag}: no phase given")
-    total = sum(p[0] for p in phases)
-    return [Phase(r / total, a, b, g) for r, a, b, g in phases]
+    return parse_schedule_phases(text, flag, WEIGHT_NAMES)
 
 
 @dataclass
@@ -59,25 +42,13 @@ class RewardSchedule:
     """Multiplies α; the trainer lowers it once held-out KL < the faithfulness target."""
     beta_scale: float = 1.0
     """Multiplies β; raised while explanations need too many features."""
-    history: list[dict] = field(default_factory=list)
 
     def weights(self, step: int) -> tuple[float, float, float]:
-        frac, edge = step / max(1, self.total_steps), 0.0
-        phase = self.phases[-1]
-        for p in self.phases:
-            edge += p.fraction
-            if frac < edge:
-                phase = p
-                break
-        return phase.alpha * self.alpha_scale, phase.beta * self.beta_scale, phase.gamma
+        alpha, beta, gamma = self.phases[self.phase_index(step)].values
+        return alpha * self.alpha_scale, beta * self.beta_scale, gamma
 
     def phase_index(self, step: int) -> int:
-        frac, edge = step / max(1, self.total_steps), 0.0
-        for i, p in enumerate(self.phases):
-            edge += p.fraction
-            if frac < edge:
-                return i
-        return len(self.phases) - 1
+        return phase_index(self.phases, step, self.total_steps)
 
 
 def token_logp(actions_N: Tensor, topk_ids_NK: Tensor, topk_logp_NK: Tensor, rest_logmass_N: Tensor, vocab: int) -> Tensor:

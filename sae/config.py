@@ -9,8 +9,13 @@ from typing import Literal
 from corpus.config import CorpusConfig
 from models.config import ModelConfig
 from models.errors import ConfigError
+from training.config import TrainConfig
+from training.schedule import parse_phases
 
 Arch = Literal["relu", "topk", "batchtopk"]
+
+L1_NAMES = ("value",)
+"""The one value of each `--l1-schedule` phase (RATIO:VALUE)."""
 
 
 @dataclass
@@ -48,7 +53,7 @@ class SaeConfig:
 
 
 @dataclass
-class SaeTrainConfig(CorpusConfig, ModelConfig):
+class SaeTrainConfig(TrainConfig, CorpusConfig, ModelConfig):
     """`faithlens sae train`: an SAE on one layer's residual stream, as a Ray Train job."""
 
     layer: int = 9
@@ -69,29 +74,17 @@ class SaeTrainConfig(CorpusConfig, ModelConfig):
     out: Path = Path("runs/sae")
     """Output folder: cfg.json, sae.safetensors, config.json, metrics, tb/, checkpoints/."""
 
-    cache_dir: Path = Path("runs/cache")
-    """Where activation caches are kept (and reused)."""
-
-    workers: int = 1
-    """Ray Train workers (data-parallel; DDP when > 1)."""
-
-    use_gpu: bool = False
-    """Give each worker a GPU."""
-
     batch_tokens: int = 2048
     """Tokens per optimizer step (over all workers)."""
 
     lr: float = 0.0
     """Adam learning rate; 0 = 2e-3 / sqrt(latents / 2**14) (scaled by width)."""
 
-    lr_warmup_frac: float = 0.02
-    """Fraction of steps of linear learning-rate warm-up."""
-
     lr_decay_frac: float = 0.2
     """Fraction of final steps over which the learning rate decays linearly to 0."""
 
     l1_schedule: str = "0.2:0.001,0.6:0.01,0.2:0.001"
-    """relu: L1 coefficient phases as FRACTION:VALUE, fractions of the run (the design's three phases)."""
+    """relu: L1 coefficient phases as RATIO:VALUE (ratios of the run's length; the design's three phases)."""
 
     l1_warmup_frac: float = 0.05
     """relu: fraction of steps over which the L1 coefficient ramps up from 0."""
@@ -104,9 +97,6 @@ class SaeTrainConfig(CorpusConfig, ModelConfig):
 
     auxk_alpha: float = 1 / 32
     """topk/batchtopk: weight of the auxiliary-k loss that revives dead latents (0 = off)."""
-
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this value (0 = off)."""
 
     encoder_dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Dtype of the encoder matmul: bf16 where the CPU is fast at it (values then carry ~0.4% rounding)."""
@@ -126,29 +116,10 @@ class SaeTrainConfig(CorpusConfig, ModelConfig):
     seed: int = 0
     """Seed for initialisation, shuffling and the generated corpora."""
 
-    fail_at_step: int = -1
-    """Testing aid: the worker raises once at this step (to exercise Ray's failure recovery)."""
-
     def __post_init__(self) -> None:
         super().__post_init__()
         SaeConfig(d_in=1, num_latents=self.latents, arch=self.arch, k=self.k)
-        parse_schedule(self.l1_schedule)
-        if self.workers < 1:
-            raise ConfigError(f"--workers: expected at least 1, got {self.workers}")
+        parse_phases(self.l1_schedule, "--l1-schedule", L1_NAMES)
         if self.batch_tokens % self.workers:
             raise ConfigError(f"--batch-tokens {self.batch_tokens} must divide evenly over --workers {self.workers}")
 
-
-def parse_schedule(text: str) -> list[tuple[float, float]]:
-    """'0.2:0.001,0.6:0.01,0.2:0.001' -> [(0.2, 0.001), ...]; fractions are normalised to sum 1."""
-    phases = []
-    for part in text.split(","):
-        try:
-            frac, value = (float(x) for x in part.split(":"))
-        except ValueError:
-            raise ConfigError(f"--l1-schedule: expected FRACTION:VALUE pairs, got {part!r}") from None
-        if frac <= 0 or value < 0:
-            raise ConfigError(f"--l1-schedule: fractions must be > 0 and values >= 0, got {part!r}")
-        phases.append((frac, value))
-    total = sum(f for f, _ in phases)
-    return [(f / total, v) for f, v in phases]

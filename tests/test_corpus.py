@@ -6,7 +6,8 @@ import pytest
 from corpus.config import CorpusConfig, parse_layers
 from corpus.packing import pack_documents, sequences
 from corpus.sources import parse_sources, read_text
-from corpus.tasks import generate_tasks, is_correct, load_task_file, normalize_answer
+from corpus.answers import is_correct, normalize_answer
+from corpus.tasks import generate_tasks, suite_examples
 from models import ConfigError
 from tests.conftest import SHARED_DATA
 
@@ -45,10 +46,10 @@ def test_answer_normalisation(pred, ref, ok):
 def test_gsm8k_jsonl_becomes_a_task_suite(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}) + "\n")
-    (ex,) = load_task_file(path)
+    (ex,) = suite_examples(str(path))
     assert ex.answer == "7" and ex.prompt.startswith("Tom")
     if (SHARED_DATA / "gsm8k_train.jsonl").exists():
-        real = load_task_file(SHARED_DATA / "gsm8k_train.jsonl")
+        real = suite_examples(str(SHARED_DATA / "gsm8k_train.jsonl"))
         assert len(real) == 7473 and all(normalize_answer(e.answer).lstrip("-").replace(".", "").isdigit() for e in real[:200])
 
 

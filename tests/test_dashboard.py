@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from interpret.dashboard import render_html, render_terminal, write_html
+from interpret.explain_records import Explanation, Explanations, Faithfulness, FeatureAttribution, Prediction, TokenActivations
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -21,9 +21,10 @@ XSS_IMG = "<img src=x onerror=\"window.__pwned = 2; alert(2)\">"
 XSS_BREAKOUT = "\"quotes\" '</script><script>window.__pwned = 3</script>' {{ 7*7 }} `tick` </div>"
 
 
-def _feature(fid: int, label: str | None, act: float, attr: float, share: float) -> dict:
+def _feature(fid: int, label: str | None, act: float, attr: float, share: float, peak: int) -> dict:
     return {
-        "id": fid, "label": label, "activation": act, "attribution": attr, "share": share,
+        "id": fid, "label": label, "activation": act, "max_activation_in_input": act, "attribution": attr,
+        "share": share, "peak_position": peak, "peak_token": {3: " 17", 6: "?"}[peak],
         "label_scores": {"detection": 0.81, "fuzzing": 0.7, "embedding": 0.66} if label else {},
         "density": 0.012,
         "examples": [
@@ -38,13 +39,13 @@ def _feature(fid: int, label: str | None, act: float, attr: float, share: float)
     }
 
 
-def sample_explanation() -> dict:
-    """An explanation dict as `interpret.explain` hands it over, with hostile strings in every data field."""
+def sample_json() -> dict:
+    """An explanation's `--json` object, with hostile strings in every data field."""
     features = [
-        _feature(12, "numbers in arithmetic", 3.1, 0.52, 0.18),
-        _feature(88, "[bold]x[/] " + XSS_SCRIPT, 2.4, 0.31, 0.11),
-        _feature(7, XSS_IMG, 1.2, -0.12, 0.04),
-        _feature(301, None, 0.9, 0.05, 0.02),
+        _feature(12, "numbers in arithmetic", 3.1, 0.52, 0.18, 3),
+        _feature(88, "[bold]x[/] " + XSS_SCRIPT, 2.4, 0.31, 0.11, 3),
+        _feature(7, XSS_IMG, 1.2, -0.12, 0.04, 3),
+        _feature(301, None, 0.9, 0.05, 0.02, 6),
     ]
     tokens = [
         {"text": "<|im_start|>", "features": []},
@@ -60,21 +61,31 @@ def sample_explanation() -> dict:
     ]
     return {
         "text": "What is 17 + 3? " + XSS_SCRIPT, "model": "embedded:smollm2-135m-instruct", "layer": 9,
-        "run": "runs/demo", "decoder": "context",
+        "run": "runs/demo", "decoder": "context", "chat": False,
         "next_token": " 2", "next_token_id": 216, "confidence": 0.41,
-        "frozen_next_token": " 2", "frozen_confidence": 0.55, "agrees_with_frozen": True,
+        "frozen_next_token": " 2", "frozen_confidence": 0.55, "frozen_prob_of_prediction": 0.5, "agrees_with_frozen": True,
         "top_predictions": [{"token": " 2", "prob": 0.41}, {"token": " 20", "prob": 0.22},
                             {"token": "\n", "prob": 0.08}, {"token": XSS_IMG, "prob": 0.05},
                             {"token": " The", "prob": 0.03}],
         "tokens": tokens,
-        "features": features,
-        "sufficiency": 0.83, "comprehensiveness": 0.64, "kept_features": 10, "sufficient_top1": True,
-        "top10_share": 0.45,
-        "explanations": {"attribution": "Numbers in arithmetic and question words drive ' 2'. " + XSS_BREAKOUT,
-                         "decoder": "an addition whose answer starts with 2 " + XSS_IMG, "llm": None},
+        "features": features, "active_features": 7,
+        "sufficiency": 0.83, "comprehensiveness": 0.64, "sufficient_top1": True, "kept_features": 10,
+        "random_sufficiency": 0.21, "random_comprehensiveness": 0.05, "top10_share": 0.45,
         "trace": ["position 3 ' 17': features 12 (numbers in arithmetic), 88 ([bold]x[/])",
                   "position 5 ' 3': feature 12 " + XSS_SCRIPT],
+        "explanations": {"attribution": "Numbers in arithmetic and question words drive ' 2'. " + XSS_BREAKOUT,
+                         "decoder": "an addition whose answer starts with 2 " + XSS_IMG, "llm": None},
     }
+
+
+def sample_explanation() -> Explanation:
+    return Explanation.from_json(sample_json())
+
+
+def test_explanation_json_round_trips_exactly():
+    d = sample_json()
+    assert Explanation.from_json(d).to_json() == d
+    assert list(Explanation.from_json(d).to_json()) == list(d)  # same key order as the `--json` contract
 
 
 class _MarkupAudit(HTMLParser):
@@ -117,7 +128,7 @@ def test_html_escapes_hostile_strings():
     assert [(s.get("type"), s.get("id")) for s in audit.scripts] == [("application/json", "data"), (None, None)]
     data_block = page.split('<script type="application/json" id="data">', 1)[1].split("</script>", 1)[0]
     assert "<" not in data_block and ">" not in data_block and "&" not in data_block
-    assert json.loads(data_block) == json.loads(json.dumps(expl))  # \u003c escapes round-trip to the same data
+    assert json.loads(data_block) == sample_json()  # \u003c escapes round-trip to the same data
     # the strings are still shown, as text
     assert "&lt;img src=x onerror=" in page and "&lt;script&gt;window.__pwned = 1" in page
     assert "{{ 7*7 }}" in page  # not evaluated by the template
@@ -130,8 +141,8 @@ def test_html_escapes_hostile_strings():
 
 def test_html_data_block_escapes_line_separators_and_nan():
     expl = sample_explanation()
-    expl["features"][0]["label"] = "line\u2028sep\u2029para"
-    expl["features"][0]["density"] = float("nan")
+    expl.features[0].label = "line\u2028sep\u2029para"
+    expl.features[0].context.density = float("nan")
     page = render_html(expl)
     data_block = page.split('id="data">', 1)[1].split("</script>", 1)[0]
     assert "\u2028" not in data_block and "\u2029" not in data_block
@@ -141,10 +152,15 @@ def test_html_data_block_escapes_line_separators_and_nan():
 
 
 def test_html_renders_missing_optional_fields():
-    expl = {"text": "hi", "next_token": "!", "confidence": 0.5, "tokens": [{"text": "hi", "features": []}],
-            "features": [{"id": 1, "label": None, "activation": 1.0, "attribution": 0.2, "share": 1.0}]}
+    """No evidence, labels, scores, random baseline, decoder arch or method 2/3 texts: the page still renders."""
+    expl = Explanation(
+        text="hi", model="m", layer=1, run="r", decoder=None, chat=False,
+        prediction=Prediction("!", 0, 0.5, "?", 0.6, 0.1, False), tokens=[TokenActivations("hi")],
+        features=[FeatureAttribution(1, None, 1.0, 1.0, 0.2, 1.0, 0, "hi")], active_features=1,
+        faithfulness=Faithfulness(0.5, 0.5, False, 1, 1.0), trace=[], explanations=Explanations("Predicts '!'."))
     page = render_html(expl)
-    assert "feature 1" in page and "unlabelled" in page
+    assert "feature 1" in page and "unlabelled" in page and "disagrees" in page
+    render_terminal(expl, Console(record=True, width=120))
 
 
 def test_write_html_is_atomic_and_returns_path(tmp_path):
@@ -155,7 +171,7 @@ def test_write_html_is_atomic_and_returns_path(tmp_path):
 
 def test_terminal_prints_markup_and_control_characters_literally():
     expl = sample_explanation()
-    expl["explanations"]["llm"] = "[red]not red[/red] \x1b[31mESC\x1b[0m"
+    expl.explanations.llm = "[red]not red[/red] \x1b[31mESC\x1b[0m"
     console = Console(record=True, width=160, force_terminal=True, color_system="truecolor")
     render_terminal(expl, console)
     text = console.export_text()

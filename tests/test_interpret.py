@@ -141,28 +141,33 @@ def test_sufficiency_and_comprehensiveness_on_a_hand_built_case(tiny_frozen, tmp
         return float(np.exp(z5) / (np.exp(z5) + np.exp(z6) + (V - 2)))
 
     out = faithfulness(comp, indices, values, 5, named=[0])
-    assert out["p"] == pytest.approx(p5(4, 2), rel=1e-5)
-    assert out["p_keep"] == pytest.approx(p5(3, 0), rel=1e-5)
-    assert out["p_ablate"] == pytest.approx(p5(1, 2), rel=1e-5)
-    assert out["sufficiency"] == pytest.approx(p5(3, 0) / p5(4, 2), rel=1e-5)
-    assert out["comprehensiveness"] == pytest.approx(1 - p5(1, 2) / p5(4, 2), rel=1e-5)
-    assert out["sufficient_top1"]
+    assert out.p == pytest.approx(p5(4, 2), rel=1e-5)
+    assert out.p_keep == pytest.approx(p5(3, 0), rel=1e-5)
+    assert out.p_ablate == pytest.approx(p5(1, 2), rel=1e-5)
+    assert out.sufficiency == pytest.approx(p5(3, 0) / p5(4, 2), rel=1e-5)
+    assert out.comprehensiveness == pytest.approx(1 - p5(1, 2) / p5(4, 2), rel=1e-5)
+    assert out.sufficient_top1
     everything = faithfulness(comp, indices, values, 5, named=[0, 1, 2])
-    assert everything["sufficiency"] == pytest.approx(1.0) and everything["comprehensiveness"] > 0.9
+    assert everything.sufficiency == pytest.approx(1.0) and everything.comprehensiveness > 0.9
 
 
 def test_explain_ranks_features_by_attribution_and_reports_faithfulness(context_run, tiny_frozen):
     from interpret.explain import explain
+    from interpret.explain_records import Explanation
 
     comp = components(context_run, tiny_frozen)
-    result = explain(comp, "What is 17 + 3?", top=5)
-    assert result["next_token"] and 0 < result["confidence"] <= 1
-    attrs = [abs(f["attribution"]) for f in result["features"]]
+    expl = explain(comp, "What is 17 + 3?", top=5)
+    assert expl.prediction.token and 0 < expl.prediction.confidence <= 1
+    attrs = [abs(f.attribution) for f in expl.features]
     assert len(attrs) == 5 and attrs == sorted(attrs, reverse=True)
-    assert 0 <= result["sufficiency"] <= 1 and 0 <= result["comprehensiveness"] <= 1
-    assert 0 < result["top10_share"] <= 1
-    assert len(result["tokens"]) == len(tiny_frozen.tokenizer("What is 17 + 3?", add_special_tokens=False)["input_ids"]) + 1
-    json.dumps(result)  # serialisable as is
+    assert 0 <= expl.faithfulness.sufficiency <= 1 and 0 <= expl.faithfulness.comprehensiveness <= 1
+    assert expl.faithfulness.random_sufficiency is not None and expl.faithfulness.kept_features == 5
+    assert 0 < expl.faithfulness.top10_share <= 1
+    assert len(expl.tokens) == len(tiny_frozen.tokenizer("What is 17 + 3?", add_special_tokens=False)["input_ids"]) + 1
+    result = json.loads(json.dumps(expl.to_json()))  # serialisable as is
+    assert set(result) == EXPLAIN_JSON_KEYS
+    assert result["next_token"] == expl.prediction.token and len(result["features"]) == 5
+    assert Explanation.from_json(result) == expl
 
 
 def test_clustering_groups_features_that_point_and_fire_together():
@@ -199,6 +204,13 @@ def test_explanation_decoder_learns_to_name_the_labels_of_active_features(contex
     assert again.generate(idx, val) == model.generate(idx, val)
 
 
+EXPLAIN_JSON_KEYS = {
+    "text", "model", "layer", "run", "decoder", "chat", "next_token", "next_token_id", "confidence", "frozen_next_token",
+    "frozen_confidence", "frozen_prob_of_prediction", "agrees_with_frozen", "top_predictions", "tokens", "features",
+    "active_features", "sufficiency", "comprehensiveness", "sufficient_top1", "kept_features", "random_sufficiency",
+    "random_comprehensiveness", "top10_share", "trace", "explanations"}
+
+
 def test_explain_cli_prints_the_json_contract_and_writes_the_html(context_run, context_evidence, tiny_frozen, tmp_path, capsys):
     from faithlens_cli import main
 
@@ -208,10 +220,10 @@ def test_explain_cli_prints_the_json_contract_and_writes_the_html(context_run, c
     assert code == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    for key in ("next_token", "confidence", "features", "sufficiency", "comprehensiveness"):
-        assert key in result
+    assert set(result) == EXPLAIN_JSON_KEYS
     assert len(result["features"]) == 4
     assert all({"id", "label", "activation", "attribution"} <= set(f) for f in result["features"])
+    assert all({"density", "examples", "histogram", "promoted"} <= set(f) for f in result["features"])
     assert all(f["examples"] for f in result["features"])  # evidence of the run is shown with each feature
     assert str(html) in captured.err and html.read_text().startswith("<!DOCTYPE html>")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from corpus.tasks import TaskExample, extract_answer, is_correct, load_suite, normalize_answer, prompt_token_ids
+from corpus.answers import extract_answer, is_correct, normalize_answer
+from corpus.tasks import TaskExample, load_suite, prompt_token_ids
 from models.errors import ConfigError
 
 from .conftest import save_random_sae
@@ -119,6 +120,31 @@ def test_bad_specs_and_files_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "SHARED_DATA", tmp_path)  # no local BoolQ and (HF_HUB_OFFLINE) no hub
     with pytest.raises(ConfigError, match="boolq: no local file .*pass boolq:PATH"):
         load_suite("boolq", 3, seed=0)
+
+
+def test_generation_env_and_data_sources_take_the_specs_load_suite_takes(tmp_path):
+    from itertools import islice
+
+    from corpus.sources import parse_sources
+    from corpus.tasks import task_stream
+    from rl_env.generation_env import _tasks
+
+    squad = _jsonl(tmp_path / "squad.jsonl", [{"context": "Paris is in France.", "question": f"Where is Paris {i}?",
+                                               "answers": ["France", "in France"]} for i in range(3)])
+    for spec in ("arithmetic", "arithmetic+copying", "builtin:tasks:boolean", "builtin:tasks", f"squad:{squad}", str(squad)):
+        n = len(load_suite(spec, 6, seed=0))
+        assert sorted(map(repr, islice(_tasks(spec, 0), n))) == sorted(map(repr, load_suite(spec, n, seed=0))), spec
+    assert [e.suite for e in islice(task_stream("copying+counting", 3), 4)] == ["copying", "counting"] * 2
+    assert len(list(islice(task_stream(str(squad), 0), 7))) == 7  # a file's examples repeat
+    for bad, message in (("arithmatic", "unknown suite 'arithmatic'"), ("builtin:tasks:nope", "unknown builtin suite.*nope")):
+        with pytest.raises(ConfigError, match=message):
+            load_suite(bad, 1, seed=0)
+        with pytest.raises(ConfigError, match="--tasks: .*" + message):
+            _tasks(bad, 0)
+    (source,) = parse_sources("builtin:tasks:boolean+copying")
+    assert source.kind == "builtin:tasks" and source.suites == ("boolean", "copying")
+    with pytest.raises(ConfigError, match="--data: .*unknown builtin suite.*nope"):
+        parse_sources("builtin:tasks:boolean+nope")
 
 
 def test_bare_prompt_format_and_chat_without_a_template(tiny_frozen):

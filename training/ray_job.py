@@ -1,18 +1,60 @@
-"""Running a training function as a Ray Train job: one place for the Ray plumbing that the SAE and
-distillation stages share (start Ray if needed, size the workers, fail over, report failures).
+"""Running a stage's trainer as a Ray Train job: one place for the Ray plumbing that the SAE and
+distillation stages share (start Ray, size the workers, build the trainer on each worker, resume,
+fail over, report failures, TensorBoard).
 
-The same call runs a laptop job (one CPU worker) and a cluster job (more workers, GPUs).
+The same call runs a laptop job (one CPU worker) and a cluster job (more workers, GPUs). A stage
+gives `run_stage_job` its config and the import path of a `build(cfg, job, rank, world, reporter)`
+function that returns its `Trainer` and a `finish()` that rank 0 calls at the end to save the result.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from models.errors import JobError
+from training.config import from_record, to_record
 
 MAX_FAILURES = 3
 """Worker failures Ray Train recovers from (each restart resumes from the last checkpoint)."""
+
+
+def run_stage_job(cfg: Any, build: str, job: dict, what: str) -> None:
+    """Train on `cfg.workers` Ray Train workers: each rebuilds `cfg` from its record (paths absolute,
+    since workers run in another folder), calls `build` ("module:function") and runs the trainer.
+    `job` is stage data the builder needs beyond the config (JSON values)."""
+    loop_config = {"cls": f"{type(cfg).__module__}:{type(cfg).__qualname__}", "cfg": to_record(cfg),
+                   "build": build, "job": job, "desc": what}
+    run_torch_job(stage_worker, loop_config, Path(cfg.out), cfg.workers, cfg.use_gpu, what)
+
+
+def _import(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_worker(config: dict) -> None:
+    """Ray Train's per-worker entry point for every stage."""
+    import ray.train
+
+    cfg = from_record(_import(config["cls"]), config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads_per_worker"])  # not OMP_NUM_THREADS: a user's shell may pin it to 1
+    holder: dict = {}
+    reporter = tensorboard_reporter(cfg.out, rank, lambda: holder["trainer"])
+    trainer, finish = _import(config["build"])(cfg, config["job"], rank, world, reporter)
+    holder["trainer"] = trainer
+    if world > 1:
+        trainer.forward_module = ray.train.torch.prepare_model(trainer.model, move_to_device=False)
+    resume_and_run(trainer, rank, config["desc"])
+    if rank == 0:
+        finish()
+    reporter.close()
 
 
 def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, workers: int, use_gpu: bool,
@@ -51,9 +93,10 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
             ray.shutdown()
 
 
-def tensorboard_reporter(out: Path, rank: int, step_scale: int, get_metrics: Callable[[], dict]):
+def tensorboard_reporter(out: Path, rank: int, get_trainer: Callable[[], Any]):
     """A `reporter(step, metrics, checkpoint=None)` for training loops: TensorBoard scalars on rank 0
-    (x axis = step × step_scale, i.e. tokens), and checkpoints handed to Ray Train on every rank."""
+    (x axis = step × the trainer's tokens per step, i.e. tokens), and checkpoints handed to Ray Train
+    on every rank with the trainer's last metrics."""
     import ray.train
 
     writer = None
@@ -65,10 +108,10 @@ def tensorboard_reporter(out: Path, rank: int, step_scale: int, get_metrics: Cal
     def reporter(step, metrics, checkpoint=None):
         if "checkpoint_step" in metrics:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-            ray.train.report({"step": step, **get_metrics()}, checkpoint=ckpt)
+            ray.train.report({"step": step, **get_trainer().last_metrics}, checkpoint=ckpt)
         elif writer is not None:
             for key, value in metrics.items():
-                writer.add_scalar(key, value, step * step_scale)
+                writer.add_scalar(key, value, step * get_trainer().tokens_per_step)
             writer.flush()
 
     reporter.close = (lambda: writer.close()) if writer is not None else (lambda: None)
@@ -79,7 +122,7 @@ def resume_and_run(trainer, rank: int, desc: str):
     """Inside a worker: start from Ray Train's checkpoint when it hands one over (a restarted worker),
     else from the trainer's own, then run with a progress bar on rank 0. Returns the final state.
 
-    `trainer` has `start(resume_from)`, `run(progress)`, `total_steps` and `state.step`."""
+    `trainer` is a `training.trainer.Trainer`."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,154 @@
+"""The result of `faithlens eval`: the success-metrics rows and the baselines, as one typed record.
+
+`EvalReport.to_json()` is eval.json (and `eval --json`); `EvalReport.from_json` reads eval.json back, so a
+saved report renders again (the demo prints the table of an earlier run this way). The blocks that other
+stages produce (score_corpus's corpora, the tasks result, the layer curve, the SAE metrics) are kept as
+those stages return them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+TARGETS: dict[str, tuple[str, str, Callable[[float], bool]]] = {
+    "kl": ("decoder faithfulness: KL(p_frozen ‖ p_decoder), nats/token", "< 0.5", lambda v: v < 0.5),
+    "top1": ("decoder top-1 agreement with the frozen model", "> 75%", lambda v: v > 0.75),
+    "l0": ("sparsity: active SAE features per token (L0)", "50–100", lambda v: 50 <= v <= 100),
+    "task_degradation": ("task-accuracy loss vs the frozen model (accuracy points)", "< 3", lambda v: v < 3.0),
+    "label_coverage": ("live features with a verified label (detection ≥ 0.7)", "> 85%", lambda v: v > 0.85),
+    "ood_kl": ("out-of-domain decoder KL, nats/token", "< 1.0", lambda v: v < 1.0),
+    "fvu": ("SAE reconstruction: fraction of variance unexplained", "< 0.2", lambda v: v < 0.2),
+    "mse": ("SAE reconstruction: MSE on normalised activations (E‖x‖² = d)", "< 0.2", lambda v: v < 0.2),
+    "top10_share": ("explanation coverage: top-10 share of attribution magnitude per prediction", "≥ 30%", lambda v: v >= 0.30),
+}
+"""metric key → (description, target as text, test); the report lists its rows in this order."""
+PERCENT = {"top1", "label_coverage", "top10_share"}
+"""Metrics shown as percentages."""
+
+
+@dataclass
+class MetricRow:
+    """One row of the success-metrics table."""
+
+    metric: str
+    """A key of TARGETS."""
+    description: str
+    target: str
+    value: float | None
+    """None when the run has nothing to measure it on (see `note`)."""
+    passed: bool | None
+    note: str = ""
+
+    @classmethod
+    def measure(cls, metric: str, value: float | None, note: str = "") -> "MetricRow":
+        """The row for `metric`, judged against its target."""
+        desc, target, test = TARGETS[metric]
+        return cls(metric, desc, target, value, None if value is None else bool(test(value)), note)
+
+    @property
+    def shown_value(self) -> str:
+        if self.value is None:
+            return "—"
+        return f"{self.value:.1%}" if self.metric in PERCENT else f"{self.value:.3f}"
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "description": self.description, "target": self.target, "value": self.value,
+                "passed": self.passed, "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MetricRow":
+        return cls(d["metric"], d["description"], d["target"], d["value"], d["passed"], d.get("note", ""))
+
+
+@dataclass
+class CorpusScore:
+    """One method on one corpus. The frozen model has only its cross-entropy."""
+
+    ce: float
+    """Cross-entropy on the data's next token, nats/token."""
+    kl: float | None = None
+    """KL(p_frozen ‖ p_method), nats/token."""
+    top1: float | None = None
+    """Agreement with the frozen model's argmax."""
+
+    def to_json(self) -> dict:
+        return {"ce": self.ce} if self.kl is None else {"kl": self.kl, "top1": self.top1, "ce": self.ce}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CorpusScore":
+        return cls(d["ce"], d.get("kl"), d.get("top1"))
+
+
+@dataclass
+class Baseline:
+    """A method (lens, spliced SAE, decoder, the frozen model) scored on each corpus and, if run, the task suites."""
+
+    corpora: dict[str, CorpusScore] = field(default_factory=dict)
+    """Corpus name (in_domain, ood) → score."""
+    task_accuracy: float | None = None
+    """Overall task-suite exact-match accuracy."""
+
+    @property
+    def scored_kl(self) -> bool:
+        """Whether it has a KL anywhere (the frozen model, which is the reference, has none)."""
+        return any(s.kl is not None for s in self.corpora.values())
+
+    def to_json(self) -> dict:
+        d: dict = {c: s.to_json() for c, s in self.corpora.items()}
+        if self.task_accuracy is not None:
+            d["task_accuracy"] = self.task_accuracy
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Baseline":
+        return cls({c: CorpusScore.from_json(s) for c, s in d.items() if c != "task_accuracy"}, d.get("task_accuracy"))
+
+
+@dataclass
+class EvalReport:
+    """Everything `faithlens eval` measured on one run."""
+
+    run: str
+    model: str
+    layer: int
+    data: str
+    """The in-domain source scored."""
+    ood: str
+    """The out-of-domain source scored ("" if none)."""
+    rows: list[MetricRow]
+    baselines: dict[str, Baseline]
+    """Method name → scores; the supervised (and PPO) decoder rows are the ones the metrics rows judge."""
+    layer_curve: list[dict]
+    """The logit lens at every layer (`distill.baseline.measure_baseline`'s "layers")."""
+    corpora: dict[str, dict]
+    """Corpus name → `distill.evaluate.score_corpus` result (tokens, frozen_ce, methods)."""
+    sae: dict[str, float]
+    """The scalar SAE metrics (l0, fvu, mse_normalized, ...)."""
+    tasks: dict | None
+    """The task-suite result, or None when no suites were run."""
+    labels: dict
+    """The label scores' summary from RUN/interpret (empty before `features score`)."""
+    decoders: dict[str, str | None]
+    """Decoder name → the folder it was loaded from (None: not evaluated)."""
+    lens: str | None
+    """The tuned lens folder, if one was scored."""
+    plots: list[str] = field(default_factory=list)
+    """PNG files written for this report."""
+    config: dict[str, str] = field(default_factory=dict)
+    """The EvalConfig that produced it, every value as a string."""
+
+    def to_json(self) -> dict:
+        return {"run": self.run, "model": self.model, "layer": self.layer, "data": self.data, "ood": self.ood,
+                "rows": [r.to_json() for r in self.rows],
+                "baselines": {m: b.to_json() for m, b in self.baselines.items()},
+                "layer_curve": self.layer_curve, "corpora": self.corpora, "sae": self.sae, "tasks": self.tasks,
+                "labels": self.labels, "decoders": self.decoders, "lens": self.lens, "plots": self.plots,
+                "config": self.config}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EvalReport":
+        return cls(d["run"], d["model"], int(d["layer"]), d["data"], d["ood"], [MetricRow.from_json(r) for r in d["rows"]],
+                   {m: Baseline.from_json(b) for m, b in d["baselines"].items()}, d["layer_curve"], d["corpora"],
+                   d["sae"], d.get("tasks"), d.get("labels", {}), d["decoders"], d.get("lens"), d.get("plots", []),
+                   d.get("config", {}))

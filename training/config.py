@@ -1,0 +1,158 @@
+"""Stage configs as JSON records: one round trip for config.json, Ray workers and stage reuse.
+
+A record is the config's fields as JSON values, with local paths made absolute (a Ray worker and a
+later stage run in other folders), so that the same record rebuilds the same config anywhere and its
+digest says whether a saved stage matches the one requested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from models.errors import ConfigError
+
+C = TypeVar("C")
+
+VOLATILE = frozenset({"fail_at_step", "workers", "use_gpu", "checkpoint_every", "config", "verbose"})
+"""Fields that change how a stage runs, not what it produces: ignored when comparing stages."""
+
+SPEC_FIELDS = ("data", "ood")
+"""Source-spec fields whose local paths are made absolute."""
+
+
+def _path_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in fields(cls) if Path in (hints[f.name], *typing.get_args(hints[f.name]))}
+
+
+def _absolute_model(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def to_record(cfg: Any) -> dict:
+    """The config's fields as JSON values; Paths and local data/model paths absolute."""
+    from corpus.sources import absolute_spec
+
+    paths = _path_fields(type(cfg))
+    record = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in paths and value is not None:
+            value = str(Path(value).expanduser().resolve())
+        elif f.name in SPEC_FIELDS and isinstance(value, str) and value.strip():
+            value = absolute_spec(value)
+        elif f.name == "model" and isinstance(value, str):
+            value = _absolute_model(value)
+        elif isinstance(value, tuple):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        record[f.name] = value
+    return record
+
+
+def from_record(cls: type[C], record: dict, **overrides: Any) -> C:
+    """Rebuild `cls` from a record (unknown keys are ignored, so older and newer records load)."""
+    paths = _path_fields(cls)
+    known = {f.name for f in fields(cls)}
+    values = {k: v for k, v in {**record, **overrides}.items() if k in known}
+    for name in paths & values.keys():
+        if values[name] is not None:
+            values[name] = Path(values[name])
+    return cls(**values)
+
+
+def pick(cfg: Any, cls: type[C], **overrides: Any) -> C:
+    """The `cls` part of a config that holds its fields (e.g. the CorpusConfig of a training config)."""
+    assert is_dataclass(cls)
+    values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+    return cls(**{**values, **overrides})
+
+
+CORPUS_FIELDS = ("data", "seq_len", "eval_fraction", "ood", "encoding", "text_field")
+"""What a later stage reads from the stage before it unless a flag says otherwise."""
+
+
+def inherit_corpus(cfg: C, earlier: Path, command: str, stage: str) -> C:
+    """`cfg` with the corpus settings of the stage whose config.json is `earlier`: a field left at its
+    default takes the earlier stage's value; a field set to something else overrides it, and says so."""
+    record = read_record(earlier)
+    defaults = {f.name: f.default for f in fields(cfg)}
+    updates = {}
+    for name in CORPUS_FIELDS:
+        if name not in record or not hasattr(cfg, name):
+            continue
+        value, theirs = getattr(cfg, name), record[name]
+        if name in SPEC_FIELDS and isinstance(value, str) and value.strip():
+            value = to_record(cfg)[name]  # compare specs with absolute paths
+        if value == theirs:
+            continue
+        if getattr(cfg, name) == defaults[name]:
+            updates[name] = theirs
+        else:
+            print(f"{command}: --{name.replace('_', '-')} {getattr(cfg, name)!r} overrides {stage}'s {theirs!r} ({earlier})")
+    if updates:
+        print(f"{command}: from {stage} ({earlier}): " + ", ".join(f"{k}={v!r}" for k, v in updates.items()))
+    return replace(cfg, **updates) if updates else cfg
+
+
+def digest(record: dict) -> str:
+    """A short hash of what a stage produces (volatile fields left out)."""
+    stable = {k: v for k, v in record.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """'name: saved → wanted' for every non-volatile field that differs."""
+    keys = sorted((saved.keys() | wanted.keys()) - VOLATILE)
+    return [f"{k}: {saved.get(k)!r} → {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def read_record(path: Path) -> dict:
+    """A saved config.json; a clear error when it is missing or not a JSON object."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (the stage's saved config)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected a JSON object of option: value")
+    return record
+
+
+
+
+@dataclass
+class TrainConfig:
+    """What every training job (SAE, decoder, lens) shares: where it runs and how it fails over."""
+
+    cache_dir: Path = Path("runs/cache")
+    """Where activation/teacher caches are kept (and reused)."""
+
+    workers: int = 1
+    """Ray Train workers (data-parallel; DDP when > 1)."""
+
+    use_gpu: bool = False
+    """Give each worker a GPU."""
+
+    lr_warmup_frac: float = 0.02
+    """Fraction of steps of linear learning-rate warm-up."""
+
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 = off)."""
+
+    fail_at_step: int = -1
+    """Testing aid: the worker raises once at this step (to exercise Ray's failure recovery)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers: expected at least 1, got {self.workers}")
+        super_post = getattr(super(), "__post_init__", None)
+        if super_post is not None:
+            super_post()
