@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import signal
 import sys
+import types
+import typing
+from pathlib import Path
 
 # command -> (module, config class, function taking the config); imported only when used,
 # so `faithlens --help` stays fast.
@@ -65,6 +69,98 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _config_file(args: list[str]) -> Path | None:
+    """The FILE of the last `--config FILE` (or `--config=FILE`) in args: as in argparse, the last one wins."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.removeprefix("--config=")
+    return Path(found) if found is not None else None
+
+
+def _file_defaults(cls, path: Path):
+    """An instance of the config class `cls` holding the YAML file's values over the class defaults.
+
+    It is handed to tyro as the defaults, so every flag on the command line overrides the file, even one
+    given with its default value. It is not validated: the file may hold values that are only valid
+    together with the command line's flags, and tyro builds (and validates) the final config anyway.
+    """
+    import yaml
+
+    from models.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} (option names are field names, "
+                          "with underscores: train_batch)")
+    hints = typing.get_type_hints(cls)
+    values = {name: _field_default(f) for name, f in fields.items()}
+    values.update({name: _as_field_type(path, name, hints[name], value) for name, value in data.items()})
+    defaults = object.__new__(cls)  # bypasses __init__, and so __post_init__'s validation (see above)
+    defaults.__dict__.update(values)
+    return defaults
+
+
+def _field_default(field: dataclasses.Field):
+    import tyro
+
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return tyro.MISSING  # still required on the command line
+
+
+def _as_field_type(path: Path, name: str, hint, value):
+    """A YAML value as its field's type: YAML reads paths as strings, and `1e-5` (no dot) as a string too."""
+    from models.errors import ConfigError
+
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(hint) if union else (hint,):
+        if typing.get_origin(kind) is typing.Literal:
+            if value in typing.get_args(kind):
+                return value
+        elif kind is type(None) or kind is bool or kind is str:
+            if isinstance(value, kind):
+                return value
+        elif kind is Path:
+            if isinstance(value, str):
+                return Path(value)
+        elif kind in (int, float):
+            try:
+                number = float(value) if not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                number = None
+            if number is not None and (kind is float or number.is_integer()):
+                return kind(number)
+        else:  # a type without a YAML spelling to check: tyro's construction is the check
+            return value
+    raise ConfigError(f"--config {path}: {name}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -90,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     config_module, config_name = config_ref.split(":")
     config_cls = getattr(importlib.import_module(config_module), config_name)
     try:
-        cfg = tyro.cli(config_cls, args=rest, prog=f"faithlens {name}", description=help_)
+        config_file = _config_file(rest) if "config" in {f.name for f in dataclasses.fields(config_cls)} else None
+        defaults = _file_defaults(config_cls, config_file) if config_file is not None else tyro.MISSING_NONPROP
+        cfg = tyro.cli(config_cls, args=rest, prog=f"faithlens {name}", description=help_, default=defaults)
         func = getattr(importlib.import_module(module_name), func_name)
         func(cfg)
     except (ConfigError, JobError) as e:

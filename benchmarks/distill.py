@@ -37,7 +37,7 @@ def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, 
         cfg, sae = DistillConfig(arch=kind, **common), SparseAutoencoder.load(Path(sae_dir))
     frozen = load_frozen(cfg)
     student = build_lens(frozen) if kind == "lens" else build_student_decoder(kind, sae, frozen, layer, n_layers=min(4, frozen.n_layers - layer))
-    trainer = DistillTrainer(cfg, kind if kind == "lens" else "decoder", student, sae, ActivationCache.open(Path(cache_root)), layer)
+    trainer = DistillTrainer(cfg, student, sae, ActivationCache.open(Path(cache_root)), layer)
     batches = trainer.data.iterate()
     trainer._train_step(next(batches))  # warm-up (allocations, kernels)
     t0 = time.perf_counter()

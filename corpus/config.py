@@ -117,10 +117,14 @@ class CacheConfig(CorpusConfig, ModelConfig):
             raise ConfigError(f"--batch-size: expected at least 1, got {self.batch_size}")
 
     @classmethod
-    def covering(cls, cfg: CorpusConfig, tokens: int, layers: str, out: Path, teacher: bool, top_k: int = 64) -> CacheConfig:
-        """The training-split cache of `cfg`'s corpus and model (`cfg` holds both configs' fields) with
-        enough whole sequences that `tokens` positions remain once each sequence's BOS is left out."""
-        shared = {f.name: getattr(cfg, f.name) for f in fields(CorpusConfig) + fields(ModelConfig) if hasattr(cfg, f.name)}
+    def covering(cls, cfg: CorpusConfig, tokens: int, layers: str, out: Path, teacher: bool, top_k: int = 64,
+                 model: ModelConfig | None = None) -> CacheConfig:
+        """The training-split cache of `cfg`'s corpus and of `model` (default: `cfg`, when it holds the
+        model fields too) with enough whole sequences that `tokens` positions remain once each
+        sequence's BOS is left out."""
+        model = model or cfg
+        shared = {f.name: getattr(cfg, f.name) for f in fields(CorpusConfig)}
+        shared.update({f.name: getattr(model, f.name) for f in fields(ModelConfig) if hasattr(model, f.name)})
         with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
         return cls(**{**shared, "tokens": with_bos, "split": "train", "layers": layers, "out": out,
                       "teacher": teacher, "top_k": top_k})

@@ -12,8 +12,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from models.decoder import DecoderConfig, build_decoder
-from models.decoder_context import ContextDecoder
+from models.decoder import Decoder, DecoderConfig, build_decoder
 from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.head import FrozenHead
@@ -32,13 +31,13 @@ def sae_features(sae: SparseAutoencoder, resid_BTD: Tensor) -> tuple[Tensor, Ten
 
 
 def student_logits(student: nn.Module, sae: SparseAutoencoder | None, resid_BTD: Tensor) -> Tensor:
-    """Logits [B·(T-1), V] for positions 1..T-1 (position 0 = BOS is not scored)."""
-    if sae is None:  # a lens on the raw residual
-        return student(resid_BTD[:, 1:]).flatten(0, 1)
-    indices, values = sae_features(sae, resid_BTD)
-    if getattr(student, "module", student).uses_context:  # (student may be wrapped in DDP)
-        return student(indices, values)[:, 1:].flatten(0, 1)
-    return student(indices[:, 1:], values[:, 1:]).flatten(0, 1)
+    """Logits [B·(T-1), V] for positions 1..T-1 (position 0 = BOS is not scored, but context decoders read it).
+
+    A decoder reads the SAE's features of the residual, a lens (sae None) the residual itself. The student
+    is called, not one of its methods, so that a DDP wrapper sees the forward pass.
+    """
+    inputs = (resid_BTD,) if sae is None else sae_features(sae, resid_BTD)
+    return student(*inputs, first=1).flatten(0, 1)
 
 
 def decoder_config(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, rank: int, vocab_bias: bool, n_layers: int) -> DecoderConfig:
@@ -69,17 +68,16 @@ def upper_block_ids(layer: int, n_layers_model: int, n_blocks: int) -> list[int]
 
 
 def build_student_decoder(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, layer: int, rank: int = 256,
-                          vocab_bias: bool = True, n_layers: int = 4, init: str = "upper-blocks") -> nn.Module:
+                          vocab_bias: bool = True, n_layers: int = 4, init: str = "upper-blocks") -> Decoder:
     head = FrozenHead.from_frozen(frozen)
     cfg = decoder_config(arch, sae, frozen, rank, vocab_bias, n_layers)
     decoder = build_decoder(cfg, head)
-    if arch in ("readout", "context"):
-        decoder.init_from_sae(sae.W_dec.detach(), sae.b_dec.detach())
-    if isinstance(decoder, ContextDecoder) and init == "upper-blocks":
-        ids = upper_block_ids(layer, frozen.n_layers, n_layers)
+    decoder.init_from_sae(sae.W_dec.detach(), sae.b_dec.detach())
+    if init == "upper-blocks" and len(decoder.blocks):
+        ids = upper_block_ids(layer, frozen.n_layers, len(decoder.blocks))
         decoder.init_from_blocks([frozen.blocks[i - 1] for i in ids])
         decoder.source_blocks = ids
-        log.info("context decoder blocks start as copies of the frozen model's layers %s", ids)
+        log.info("%s decoder blocks start as copies of the frozen model's layers %s", arch, ids)
     return decoder
 
 

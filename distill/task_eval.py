@@ -1,4 +1,7 @@
-"""Task accuracy of the frozen model and of decoders that answer from its features.
+"""Task-suite answer exact match of the frozen model and of decoders that answer from its features.
+
+Examples come from the suites' held-out stream (`seed + EVAL_SEED_OFFSET`, the seed of the eval split of
+`builtin:tasks` as a training source), so that a decoder is never scored on the tasks it was trained on.
 
 Generation mode (greedy, batched with left padding and a KV cache): the frozen model answers on its
 own; each decoder answers by choosing every next token itself from the SAE features of the frozen
@@ -8,7 +11,8 @@ at EOS, at a newline after some text (GSM8K replies may span lines), or after `m
 `corpus.answers.extract_answer` then takes the final answer out of it.
 
 Teacher-forced mode: the reference answer is appended to the prompt, and an example counts as right
-when every answer token is the argmax prediction (of the frozen model, or of the decoder).
+when every answer token is the argmax prediction (of the frozen model, or of the decoder); the samples
+show the argmax tokens decoded.
 
 Degradation = frozen accuracy − decoder accuracy, in percentage points.
 """
@@ -24,9 +28,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from corpus.answers import answer_kind, extract_answer, is_correct
+from corpus.packing import EVAL_SEED_OFFSET
 from corpus.tasks import PromptFormat, TaskExample, load_suite, prompt_token_ids
 from distill.student import sae_features
-from models.decoder_context import ContextDecoder
+from models.decoder import FeatureDecoder
 from models.errors import ConfigError
 from models.frozen import FrozenLM
 
@@ -38,7 +43,7 @@ SAMPLE_CHARS = 300  # long passages (BoolQ, SQuAD) are cut in the sample rows
 class Reader:
     """A decoder and the SAE whose features it reads, at one layer of the frozen model."""
 
-    decoder: nn.Module
+    decoder: FeatureDecoder
     sae: nn.Module
     layer: int
 
@@ -48,21 +53,14 @@ class Reader:
     @torch.inference_mode()
     def next_logits(self, idx_BTK: Tensor, val_BTK: Tensor, mask_BT: Tensor) -> Tensor:
         """Logits [B, V] for the token after each row's last position (rows are left-padded)."""
-        if not getattr(self.decoder, "uses_context", False):
-            return self.decoder(idx_BTK[:, -1:], val_BTK[:, -1:])[:, 0].float()
-        # right-align each row so that it starts at position 0 (the decoder has no padding mask; its
-        # attention is causal, so what follows a row's last real position never reaches it)
-        B, T = mask_BT.shape
+        # move each row's padding to its end, so that the row starts at position 0 (a decoder has no
+        # padding mask: a context decoder would read the padding as positions)
+        T = mask_BT.shape[1]
         lengths_B = mask_BT.sum(1)
         gather_BT = (torch.arange(T)[None] + (T - lengths_B)[:, None]).clamp(max=T - 1)
         idx = idx_BTK.gather(1, gather_BT[..., None].expand_as(idx_BTK))
         val = val_BTK.gather(1, gather_BT[..., None].expand_as(val_BTK))
-        last_B = lengths_B - 1
-        rows = torch.arange(B)
-        if isinstance(self.decoder, ContextDecoder):  # the head on one position per row, not on all T
-            stream = self.decoder.stream(idx, val)[rows, last_B]
-            return self.decoder._add_bias(self.decoder.head(stream[:, None]))[:, 0].float()
-        return self.decoder(idx, val)[rows, last_B].float()
+        return self.decoder.last_logits(idx, val, lengths_B).float()
 
 
 def _finished(tokens: list[int], text: str, eos_token_id: int, stop_at_newline: bool, max_new_tokens: int) -> bool:
@@ -131,10 +129,11 @@ def _step(frozen: FrozenLM, ids_BT: Tensor, mask_BT: Tensor, positions_BT: Tenso
 
 @torch.inference_mode()
 def _teacher_forced(frozen: FrozenLM, layer: int, readers: dict[str, Reader], examples: list[TaskExample],
-                    prompt_format: PromptFormat) -> dict[str, list[str]]:
-    """Per model, the argmax tokens at the answer positions (decoded); right when equal to the reference."""
+                    prompt_format: PromptFormat) -> tuple[dict[str, list[str]], dict[str, list[bool]]]:
+    """Per model, the argmax tokens at the answer positions (decoded), and whether they are the reference's."""
     tok = frozen.tokenizer
     outputs: dict[str, list[str]] = {"frozen": [], **{name: [] for name in readers}}
+    correct: dict[str, list[bool]] = {name: [] for name in outputs}
     for ex in examples:
         prompt = prompt_token_ids(ex, tok, prompt_format, frozen.bos_token_id)
         if prompt_format == "bare":
@@ -147,14 +146,11 @@ def _teacher_forced(frozen: FrozenLM, layer: int, readers: dict[str, Reader], ex
         choices = {"frozen": logits[0, pos].argmax(-1).cpu()}
         for name, reader in readers.items():
             idx, val = reader.features(store[layer])
-            if getattr(reader.decoder, "uses_context", False):
-                dec = reader.decoder(idx, val)[0, pos]
-            else:
-                dec = reader.decoder(idx[:, pos], val[:, pos])[0]
-            choices[name] = dec.argmax(-1).cpu()
+            choices[name] = reader.decoder(idx, val, first=len(prompt) - 1)[0, :-1].argmax(-1).cpu()
         for name, chosen in choices.items():
-            outputs[name].append(ex.answer if torch.equal(chosen, answer) else tok.decode(chosen))
-    return outputs
+            correct[name].append(torch.equal(chosen, answer))
+            outputs[name].append(ex.answer if correct[name][-1] else tok.decode(chosen))
+    return outputs, correct
 
 
 def _generate_all(frozen: FrozenLM, reader: Reader | None, prompts: list[list[int]], suite: str, max_new_tokens: int,
@@ -172,10 +168,11 @@ def _generate_all(frozen: FrozenLM, reader: Reader | None, prompts: list[list[in
     return replies
 
 
-def evaluate_tasks(frozen: FrozenLM, layer: int, decoders: dict[str, tuple[nn.Module, nn.Module]], suites: list[str],
-                   n: int, seed: int, mode: Mode = "generate", prompt_format: PromptFormat = "auto",
-                   max_new_tokens: int = 32, batch_size: int = 16, n_samples: int = 3, progress: bool = True) -> dict:
-    """Accuracy of the frozen model and of each (decoder, SAE) pair on `n` examples of every suite.
+def task_answer_exact_match(frozen: FrozenLM, layer: int, decoders: dict[str, tuple[FeatureDecoder, nn.Module]],
+                            suites: list[str], n: int, seed: int, mode: Mode = "generate",
+                            prompt_format: PromptFormat = "auto", max_new_tokens: int = 32, batch_size: int = 16,
+                            n_samples: int = 3, progress: bool = True) -> dict:
+    """Answer exact match of the frozen model and of each (decoder, SAE) pair on `n` held-out examples of every suite.
 
     Returns {"mode", "prompt_format", "layer", "seed", "max_new_tokens", "seconds",
     "suites": {suite: {"examples", "frozen", "decoders": {name: {"accuracy", "degradation_points"}},
@@ -193,15 +190,15 @@ def evaluate_tasks(frozen: FrozenLM, layer: int, decoders: dict[str, tuple[nn.Mo
     t0 = time.perf_counter()
     per_suite, pooled = {}, {"frozen": [], **{name: [] for name in readers}}
     for suite in suites:
-        examples = load_suite(suite, n, seed)
+        examples = load_suite(suite, n, seed + EVAL_SEED_OFFSET)
         if mode == "generate":
             prompts = [prompt_token_ids(ex, frozen.tokenizer, prompt_format, frozen.bos_token_id) for ex in examples]
             replies = {name: _generate_all(frozen, readers.get(name), prompts, suite, max_new_tokens, batch_size,
                                            f"{suite} · {name}", progress) for name in ["frozen", *readers]}
-            answers = {name: [extract_answer(r, suite) for r in rs] for name, rs in replies.items()}
+            correct = {name: [is_correct(extract_answer(r, suite), ex.references) for r, ex in zip(rs, examples)]
+                       for name, rs in replies.items()}
         else:
-            replies = answers = _teacher_forced(frozen, layer, readers, examples, prompt_format)
-        correct = {name: [is_correct(a, ex.references) for a, ex in zip(ans, examples)] for name, ans in answers.items()}
+            replies, correct = _teacher_forced(frozen, layer, readers, examples, prompt_format)
         for name, flags in correct.items():
             pooled[name] += flags
         per_suite[suite] = {**_accuracies(correct), "samples": [

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-import torch
 from torch import Tensor
 
 from distill.student import sae_features
 from interpret.run import InterpretRun
 from models.config import DEFAULT_MODEL, ModelConfig
 from models.errors import ConfigError
-from models.decoder import Decoder, ReadoutDecoder, LinearDecoder, load_decoder, read_decoder_meta
+from models.decoder import FeatureDecoder, load_decoder, read_decoder_meta
 from models.frozen import FrozenLM
 from models.head import FrozenHead
 from models.loading import load_frozen
@@ -24,7 +23,7 @@ class Components:
     run: InterpretRun
     frozen: FrozenLM
     sae: SparseAutoencoder
-    decoder: Decoder
+    decoder: FeatureDecoder
     layer: int
     meta: dict
 
@@ -44,24 +43,10 @@ class Components:
         """Decoder logits at every position (context decoders read the whole sequence)."""
         return self.decoder(indices_BTK, values_BTK).float()
 
-    @torch.no_grad()
     def direct_effects(self, feature_ids: Tensor) -> Tensor:
-        """Logit change per unit activation of each feature through the decoder's direct path [n, V].
-
-        readout: the feature's row after the affine map, through the frozen norm weight and unembedding
-        (the norm's per-position scale left out); linear: its rows through the up-projection; context:
-        the embedding row straight through the frozen head (the path that skips the decoder's blocks).
-        """
-        d = self.decoder
-        if isinstance(d, LinearDecoder):
-            rows = d.A_FR[feature_ids].float()
-            return rows @ d.B_RV.float() if d.B_RV is not None else rows
-        head: FrozenHead = d.head
-        if isinstance(d, ReadoutDecoder):
-            rows = d._translate(d.W_FD[feature_ids].float(), with_bias=False)
-        else:
-            rows = getattr(d, "embed_FD", self.sae.W_dec)[feature_ids].float()
-        return head.unembed(head.center(rows) * head.norm_weight_D.float()).float()
+        """Logit change per unit activation of each feature through the decoder's direct path [n, V]
+        (`FeatureDecoder.direct_effects`)."""
+        return self.decoder.direct_effects(feature_ids)
 
 
 def load_components(run: InterpretRun, model_cfg: ModelConfig | None = None, frozen: FrozenLM | None = None) -> Components:

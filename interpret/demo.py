@@ -6,23 +6,34 @@ phase → feature importance → evidence → labels (local LLM) → label score
 
     cache/ baseline/ sae/ distill/decoder/ ppo/decoder/ interpret/ eval/ explain.html
 
-A stage whose output exists is skipped, so a rerun after an interruption continues where it stopped
-(the Ray Train stages also resume from their own checkpoints).
+A stage is reused when the config it was made with (its config.json or stage.json) equals the one
+this run asks for; a stage that differs reruns with every stage after it, and the run says which
+settings differ. So a rerun after an interruption continues where it stopped (the Ray Train stages
+resume from their own checkpoints), and a rerun with another `--sae-k` retrains the SAE and what reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from models.config import DEFAULT_MODEL
+from training.config import to_record
+from training.layout import RunLayout
+from training.stages import StagePlan
 
 DEMO_DATA = "builtin:tasks:arithmetic+comparison+counting*0.5,builtin:self*0.5"
 DEMO_OOD = "builtin:tasks:boolean+copying"
+
+CHAIN = ("sae", "distill", "ppo", "importance", "evidence", "labels", "scores", "eval", "explain")
+"""The stages in the order they read each other's output. The layer baselines read none of them; explain
+runs before the eval table (so that the run ends with the table) but the table does not read it."""
 
 
 @dataclass
@@ -40,7 +51,7 @@ class DemoConfig:
     """Layer read by the SAE and decoder."""
 
     out: Path = Path("runs/demo")
-    """Run directory; a rerun reuses what is already there."""
+    """Run directory; a rerun reuses every stage whose saved config matches the one asked for."""
 
     cache_tokens: int = 40_000
     """Training tokens in the activation/teacher cache (SAE and decoder train on them)."""
@@ -77,9 +88,13 @@ class DemoConfig:
 
 
 class _Stages:
-    def __init__(self, console: Console, total: int):
+    """The numbered progress lines, and each stage's reuse-or-run decision (`training.stages.StagePlan`)."""
+
+    def __init__(self, console: Console, total: int, layout: RunLayout):
         self.console, self.total, self.i = console, total, 0
         self.t0 = time.perf_counter()
+        self.plan = StagePlan([layout.stage(name) for name in CHAIN],
+                              say=lambda message: console.print(f"      {message}", markup=False))
 
     def start(self, title: str) -> float:
         self.i += 1
@@ -90,136 +105,171 @@ class _Stages:
         verb = "reused" if reused else f"done in {time.perf_counter() - t:.0f} s"
         self.console.print(f"      {verb} → {where}")
 
+    def reuse_or_run(self, stage, cfg, work: Callable[[], object]) -> bool:
+        """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output."""
+        wanted = to_record(cfg)
+        if self.plan.reuse(stage, wanted):
+            return True
+        work()
+        self.plan.finished(stage, wanted)
+        return False
+
+    def step(self, title: str, stage, cfg, work: Callable[[], object], where: Path) -> None:
+        t = self.start(title)
+        self.done(t, where, self.reuse_or_run(stage, cfg, work))
+
 
 def run_demo(cfg: DemoConfig) -> None:
     from corpus.cache import build_cache
     from corpus.config import CacheConfig
-    from distill.baseline import BaselineConfig, baseline_markdown, measure_baseline
-    from models.io import write_json_atomic, write_text_atomic
+    from distill.baseline import BaselineConfig
+    from distill.config import DistillConfig
     from models.loading import load_frozen
+    from rl_env.ppo_config import PpoConfig
+    from sae.config import SaeTrainConfig
 
     console = Console()
-    out = cfg.out.resolve()
-    stages = _Stages(console, 11)
+    layout = RunLayout(cfg.out.resolve())
+    stages = _Stages(console, 11, layout)
     console.rule("[bold]faithlens demo")
 
     t = stages.start(f"load {cfg.model}")
-    cache_cfg = CacheConfig(model=cfg.model, data=cfg.data, layers=str(cfg.layer), tokens=cfg.cache_tokens, out=out / "cache")
+    cache_cfg = CacheConfig(model=cfg.model, data=cfg.data, layers=str(cfg.layer), tokens=cfg.cache_tokens, out=layout.cache)
     frozen = load_frozen(cache_cfg)
     console.print(f"      {frozen.n_layers} blocks, d_model {frozen.d_model}, vocabulary {frozen.vocab_size:,}, {frozen.dtype}")
     stages.done(t, frozen.name)
 
     t = stages.start(f"corpus {cfg.data} → activation/teacher cache at layer {cfg.layer}")
-    cache = build_cache(cache_cfg, frozen)
+    cache = build_cache(cache_cfg, frozen)  # reused by its own key (what produced it)
     stages.done(t, f"{cache.root} ({cache.tokens:,} tokens, {cache.size_bytes() / 2**20:.1f} MiB)")
 
-    t = stages.start("layer baselines on the held-out split")
-    baseline_json = out / "baseline" / "baseline.json"
-    reused = baseline_json.is_file() and json.loads(baseline_json.read_text()).get("tokens", 0) >= cfg.baseline_tokens
-    if not reused:
-        result = measure_baseline(BaselineConfig(model=cfg.model, data=cfg.data, tokens=cfg.baseline_tokens), frozen)
-        write_json_atomic(baseline_json, result)
-        write_text_atomic(out / "baseline" / "baseline.md", baseline_markdown(result) + "\n")
-    stages.done(t, baseline_json, reused)
+    baseline_cfg = BaselineConfig(model=cfg.model, data=cfg.data, tokens=cfg.baseline_tokens)
 
-    t = stages.start(f"TopK SAE on layer {cfg.layer} (Ray Train job)")
-    reused = (out / "sae" / "metrics.json").is_file()
-    if not reused:
-        from sae.config import SaeTrainConfig
+    def baseline() -> None:
+        from distill.baseline import baseline_markdown, measure_baseline
+        from models.io import write_json_atomic, write_text_atomic
+
+        result = measure_baseline(baseline_cfg, frozen)
+        write_json_atomic(layout.baseline_json, result)
+        write_text_atomic(layout.baseline.root / "baseline.md", baseline_markdown(result) + "\n")
+
+    stages.step("layer baselines on the held-out split", layout.stage("baseline"), baseline_cfg, baseline,
+                layout.baseline_json)
+
+    # the Ray and RLlib stacks load slowly: each stage imports its command only when it runs
+    sae_cfg = SaeTrainConfig(model=cfg.model, data=cfg.data, layer=cfg.layer, arch="topk", latents=cfg.sae_latents,
+                             k=cfg.sae_k, tokens=cfg.cache_tokens, out=layout.sae_run.root, cache_dir=layout.cache,
+                             eval_tokens=cfg.sae_eval_tokens, batch_tokens=1024)
+
+    def sae() -> None:
         from sae.job import run_sae_train
 
-        run_sae_train(SaeTrainConfig(model=cfg.model, data=cfg.data, layer=cfg.layer, arch="topk", latents=cfg.sae_latents,
-                                     k=cfg.sae_k, tokens=cfg.cache_tokens, out=out / "sae", cache_dir=out / "cache",
-                                     eval_tokens=cfg.sae_eval_tokens, batch_tokens=1024))
-    stages.done(t, out / "sae", reused)
+        run_sae_train(sae_cfg)
 
-    t = stages.start(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)")
-    reused = (out / "distill" / "metrics.json").is_file()
-    if not reused:
-        from distill.config import DistillConfig
+    stages.step(f"TopK SAE on layer {cfg.layer} (Ray Train job)", layout.stage("sae"), sae_cfg, sae, layout.sae_run.root)
+
+    distill_cfg = DistillConfig(model=cfg.model, data=cfg.data, sae=layout.sae_run.root, arch=cfg.decoder_arch,
+                                tokens=cfg.cache_tokens, cache=cache.root, out=layout.distill.root,
+                                eval_tokens=2048, eval_points=4)
+
+    def distill() -> None:
         from distill.job import run_decoder_train
 
-        run_decoder_train(DistillConfig(model=cfg.model, data=cfg.data, sae=out / "sae", arch=cfg.decoder_arch,
-                                        tokens=cfg.cache_tokens, cache=cache.root, out=out / "distill",
-                                        eval_tokens=2048, eval_points=4))
-    stages.done(t, out / "distill" / "decoder", reused)
+        run_decoder_train(distill_cfg)
 
-    t = stages.start(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)")
-    reused = (out / "ppo" / "decoder" / "decoder.json").is_file()
-    if not reused:
+    stages.step(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)", layout.stage("distill"),
+                distill_cfg, distill, layout.distill.decoder)
+
+    ppo_cfg = PpoConfig(decoder=layout.distill.root, out=layout.ppo.root, cache=str(cache.root), steps=cfg.ppo_steps,
+                        train_batch=512, minibatch_size=128, eval_every=2, eval_tokens=1024, task_examples=10)
+
+    def ppo() -> None:
         from rl_env.ppo import run_ppo
-        from rl_env.ppo_config import PpoConfig
 
-        run_ppo(PpoConfig(decoder=out / "distill", out=out / "ppo", cache=str(cache.root), steps=cfg.ppo_steps,
-                          train_batch=512, minibatch_size=128, eval_every=2, eval_tokens=1024, task_examples=10))
-    stages.done(t, out / "ppo" / "decoder", reused)
+        run_ppo(ppo_cfg)
 
-    _interpret_stages(cfg, out, frozen, stages)
-    console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {out}")
+    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)", layout.stage("ppo"), ppo_cfg, ppo, layout.ppo.decoder)
+
+    _interpret_stages(cfg, layout, frozen, stages)
+    console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
 
 
-def _interpret_stages(cfg: DemoConfig, out: Path, frozen, stages: _Stages) -> None:
+def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) -> None:
     from interpret.components import load_components
     from interpret.config import EvalConfig, EvidenceConfig, ExplainConfig, ImportanceConfig
-    from interpret.run import InterpretRun
+    from interpret.label_config import LabelConfig, ScoreConfig
 
-    console = stages.console
-    run = InterpretRun(out)
-    comp = load_components(run, frozen=frozen)
+    out = run.root
+    components = functools.cache(lambda: load_components(run, frozen=frozen))  # only when a stage here runs
 
-    t = stages.start("feature importance (attribution patching, checked by ablation)")
-    reused = run.importance.is_file()
-    if not reused:
+    importance_cfg = ImportanceConfig(run=out, model=cfg.model, data=cfg.data, tokens=2048, seq_len=128,
+                                      spliced_tokens=512, validate_top=20, validate_sequences=4, share_targets=64)
+
+    def importance() -> None:
         from interpret.importance import compute_importance
         from models.io import write_json_atomic
 
-        result = compute_importance(ImportanceConfig(run=out, model=cfg.model, data=cfg.data, tokens=2048, seq_len=128,
-                                                     spliced_tokens=512, validate_top=20, validate_sequences=4,
-                                                     share_targets=64), comp)
-        write_json_atomic(run.importance, result)
-    stages.done(t, run.importance, reused)
+        write_json_atomic(run.importance, compute_importance(importance_cfg, components()))
 
-    t = stages.start("feature evidence (top contexts, quantiles, density, promoted tokens)")
-    reused = run.evidence.is_file()
-    if not reused:
+    stages.step("feature importance (attribution patching, checked by ablation)", run.stage("importance"),
+                importance_cfg, importance, run.importance)
+
+    evidence_cfg = EvidenceConfig(run=out, model=cfg.model, data=cfg.data, split="train", tokens=cfg.cache_tokens // 2,
+                                  seq_len=128)
+
+    def evidence() -> None:
         from interpret.evidence import build_evidence, save_evidence
 
-        meta, tensors = build_evidence(EvidenceConfig(run=out, model=cfg.model, data=cfg.data, split="train",
-                                                      tokens=cfg.cache_tokens // 2, seq_len=128), comp)
-        save_evidence(run, meta, tensors)
-    stages.done(t, run.evidence, reused)
+        save_evidence(run, *build_evidence(evidence_cfg, components()))
+
+    stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", run.stage("evidence"),
+                evidence_cfg, evidence, run.evidence)
 
     t = stages.start(f"labels for the {cfg.label_top} most important features (local model) and their scores")
-    from interpret.label_config import LabelConfig, ScoreConfig
-    from interpret.labelers import LocalLabeler
-    from interpret.labels import run_label
-    from interpret.scoring import run_score
+    # the stats labels use the same settings as the local model's, which the record holds
+    label_cfg = LabelConfig(run=out, top=cfg.label_top, backend="local", local_model=cfg.model)
+    score_cfg = ScoreConfig(run=out, n_examples=6, local_model=cfg.model)
+    local = functools.cache(lambda: _local_labeler(frozen))
 
-    local = LocalLabeler(frozen)  # the frozen model is the default labeller: load it once
-    for backend in ("stats", "local"):
-        run_label(LabelConfig(run=out, top=cfg.label_top, backend=backend), labeler=local if backend == "local" else None)
-    if not run.scores.is_file():
-        run_score(ScoreConfig(run=out, n_examples=6), simulator=local)
-    stages.done(t, run.scores)
+    def labels() -> None:
+        from interpret.labels import run_label
 
-    t = stages.start(f"explain {cfg.explain!r}")
-    from interpret.explain import run_explain
+        run_label(LabelConfig(run=out, top=cfg.label_top, backend="stats", local_model=cfg.model))
+        run_label(label_cfg, labeler=local())
 
-    html = out / "explain.html"
-    run_explain(ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=html, chat=True))
-    stages.done(t, html)
+    def scores() -> None:
+        from interpret.scoring import run_score
+
+        run_score(score_cfg, simulator=local())
+
+    reused = stages.reuse_or_run(run.stage("labels"), label_cfg, labels)
+    reused = stages.reuse_or_run(run.stage("scores"), score_cfg, scores) and reused
+    stages.done(t, run.scores, reused)
+
+    explain_cfg = ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=run.explain_html, chat=True)
+
+    def explain() -> None:
+        from interpret.explain import run_explain
+
+        run_explain(explain_cfg)
+
+    stages.step(f"explain {cfg.explain!r}", run.stage("explain"), explain_cfg, explain, run.explain_html)
 
     t = stages.start("eval table")
     from interpret.eval_records import EvalReport
     from interpret.report import print_table, run_eval
 
-    eval_json = out / "eval" / "eval.json"
-    reused = eval_json.is_file()
+    eval_cfg = EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
+                          task_examples=cfg.task_examples, ppo=run.ppo.root)
+    reused = stages.reuse_or_run(run.stage("eval"), eval_cfg, lambda: run_eval(eval_cfg))
     if reused:
-        print_table(EvalReport.from_json(json.loads(eval_json.read_text())), console)
-    else:
-        run_eval(EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
-                            task_examples=cfg.task_examples, ppo=out / "ppo"))
-    stages.done(t, out / "eval", reused)
+        print_table(EvalReport.from_json(json.loads(run.eval_json.read_text())), stages.console)
+    stages.done(t, run.eval.root, reused)
 
-    console.print(f"[bold]HTML dashboard: {html}")
+    stages.console.print(f"[bold]HTML dashboard: {run.explain_html}")
+
+
+def _local_labeler(frozen):
+    from interpret.labelers import LocalLabeler
+
+    return LocalLabeler(frozen)  # the frozen model is the default labeller: load it once

@@ -115,6 +115,10 @@ def _token_strip(comp: Components, ids: torch.Tensor, indices: torch.Tensor, val
 
 def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labels: dict[int, str] | None = None,
             evidence=None, scores: dict | None = None, seed: int = 0) -> Explanation:
+    """Name the `top` features behind the decoder's next token for `text`, and test that account (see the module doc).
+
+    `labels`, `evidence` and `scores` are the run's side data (any may be missing); `seed` draws the random baseline.
+    """
     labels, scores = labels or {}, scores or {}
     ids = encode_input(comp, text, chat)
     frozen_logits, store = comp.frozen.forward(ids, [comp.layer])

@@ -56,7 +56,7 @@ def _token_shares(comp: Components, batch: _Batch, attr: torch.Tensor, cfg: Impo
     independent, so it already holds every prediction's own attribution.
     """
     F_ = comp.sae.cfg.num_latents
-    if not comp.decoder.uses_context:
+    if not comp.decoder.needs_context:
         a = attr[:, 1:].flatten(0, 1).abs().double()
         total = a.sum(-1)
         top = a.topk(min(10, a.shape[-1]), dim=-1).values.sum(-1)

@@ -39,7 +39,7 @@ def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig
     ood = cfg.ood or meta.get("ood_domain", "")
     ppo = cfg.ppo if cfg.ppo is not None else (run.root / "ppo" if (run.root / "ppo").is_dir() else None)
     if ppo is not None:
-        from distill.evaluate import decoder_dir
+        from training.layout import decoder_dir
 
         ppo = decoder_dir(Path(ppo))
         if not (ppo / "decoder.json").is_file():
@@ -122,13 +122,13 @@ def _suites(cfg: EvalConfig) -> list[str]:
 
 
 def _tasks(cfg: EvalConfig, comp, decoders: dict) -> dict | None:
-    from distill.task_eval import evaluate_tasks
+    from distill.task_eval import task_answer_exact_match
 
     suites = _suites(cfg)
     if not (suites and cfg.task_examples):
         return None
-    return evaluate_tasks(comp.frozen, comp.layer, decoders, suites, cfg.task_examples, cfg.seed, mode=cfg.task_mode,
-                          prompt_format=cfg.prompt_format)
+    return task_answer_exact_match(comp.frozen, comp.layer, decoders, suites, cfg.task_examples, cfg.seed,
+                                   mode=cfg.task_mode, prompt_format=cfg.prompt_format)
 
 
 def _decoder_rows(cfg: EvalConfig, corpora: dict[str, dict]) -> list[MetricRow]:

@@ -140,12 +140,9 @@ class Decoder(FeatureDecoder):
         self.cfg = cfg
         self.head = head
         self.bias_V = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.vocab_bias else None
-        self.blocks = nn.ModuleList()
-        """Transformer blocks between the features and the head (only the context decoder has any)."""
-        self.source_blocks: list[int] | None = None
-        """The frozen model's layers the blocks were copied from (recorded in decoder.json)."""
-        self.meta: dict = {}
-        """decoder.json as loaded."""
+        self.blocks = nn.ModuleList()  # between features and head; only the context decoder has any
+        self.source_blocks: list[int] | None = None  # the frozen layers the blocks were copied from, for decoder.json
+        self.meta: dict = {}  # decoder.json, once loaded
 
     def _add_bias(self, logits: Tensor) -> Tensor:
         return logits + self.bias_V if self.bias_V is not None else logits
@@ -224,21 +221,29 @@ class LinearDecoder(Decoder):
         self.A_FR = nn.Parameter(torch.randn(cfg.num_latents, width) * (1 / width**0.5))
         self.B_RV = nn.Parameter(torch.zeros(cfg.rank, cfg.vocab_size)) if cfg.rank else None
 
-    def _up(self, z: Tensor) -> Tensor:
+    def init_from_sae(self, W_dec_FD: Tensor, b_dec_D: Tensor) -> None:
+        """Nothing to take: the features map to the vocabulary directly, not through d_model."""
+
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        z = F.embedding_bag(indices_BTK.reshape(-1, indices_BTK.shape[-1]), self.A_FR,
+                            per_sample_weights=values_BTK.reshape(-1, values_BTK.shape[-1]).float(), mode="sum")
+        return z.reshape(*indices_BTK.shape[:-1], -1)
+
+    def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
+        return feats_BTF.float() @ self.A_FR
+
+    def readout(self, z: Tensor) -> Tensor:
         if self.B_RV is None:
             return self._add_bias(z)
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
             logits = z @ self.B_RV
         return self._add_bias(logits.float())
 
-    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        shape = indices_BTK.shape[:-1]
-        z = F.embedding_bag(indices_BTK.reshape(-1, indices_BTK.shape[-1]), self.A_FR,
-                            per_sample_weights=values_BTK.reshape(-1, values_BTK.shape[-1]).float(), mode="sum")
-        return self._up(z).reshape(*shape, -1)
-
-    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
-        return self._up(feats_BTF.float() @ self.A_FR)
+    @torch.no_grad()
+    def direct_effects(self, feature_ids: Tensor) -> Tensor:
+        """The features' rows through the up-projection (in fp32), without the vocabulary bias."""
+        rows = self.A_FR[feature_ids].float()
+        return rows @ self.B_RV.float() if self.B_RV is not None else rows
 
 
 class ReadoutDecoder(Decoder):
@@ -264,17 +269,21 @@ class ReadoutDecoder(Decoder):
             return x
         return x + (self.affine(x) if with_bias else x @ self.affine.weight.t())
 
-    def residual(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        """The estimate of the layer's residual that the frozen head reads."""
         flat_i = indices_BTK.reshape(-1, indices_BTK.shape[-1])
         flat_v = values_BTK.reshape(-1, values_BTK.shape[-1]).float()
         h = F.embedding_bag(flat_i, self.W_FD, per_sample_weights=flat_v, mode="sum") + self.b_D
         return self._translate(h).reshape(*indices_BTK.shape[:-1], -1)
 
-    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        return self._add_bias(self.head(self.residual(indices_BTK, values_BTK)))
+    def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
+        return self._translate(feats_BTF.float() @ self.W_FD + self.b_D)
 
-    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
-        return self._add_bias(self.head(self._translate(feats_BTF.float() @ self.W_FD + self.b_D)))
+    @torch.no_grad()
+    def direct_effects(self, feature_ids: Tensor) -> Tensor:
+        """Each feature's direction after the affine map's linear part, through the head's linear part
+        (the norm's per-position scale left out)."""
+        return self.head.direction_logits(self._translate(self.W_FD[feature_ids].float(), with_bias=False))
 
     @torch.no_grad()
     def contributions(self, indices_NK: Tensor, values_NK: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,9 +295,8 @@ class ReadoutDecoder(Decoder):
         Summing the slots and the rest gives `forward` up to rounding.
         """
         head = self.head
-        s_N1 = head.scale(self.residual(indices_NK, values_NK))
-        g = head.norm_weight_D.float()
-        rows_NKD = head.center(self._translate(self.W_FD[indices_NK], with_bias=False)) * g
-        per_slot = head.unembed(rows_NKD) * (values_NK.float() * s_N1)[..., None]
-        rest = head.unembed((head.center(self._translate(self.b_D[None]))[0] * g)[None]) * s_N1 + head.constant_logits()
+        s_N1 = head.scale(self.hidden(indices_NK, values_NK))
+        rows_NKD = self._translate(self.W_FD[indices_NK], with_bias=False)
+        per_slot = head.direction_logits(rows_NKD) * (values_NK.float() * s_N1)[..., None]
+        rest = head.direction_logits(self._translate(self.b_D[None])) * s_N1 + head.constant_logits()
         return per_slot, self._add_bias(rest)

@@ -7,8 +7,8 @@ grouped-query attention with rotary positions, SwiGLU MLP) then write into that 
 frozen final norm + unembedding read it out.
 
 Blocks can start from copies of the frozen model's upper blocks (Llama-family weights: same
-names, same rotary convention), or with their output projections at zero, so that the decoder
-starts as the readout decoder on the SAE reconstruction.
+names, same rotary convention; `Decoder.init_from_blocks`), or with their output projections at
+zero, so that the decoder starts as the readout decoder on the SAE reconstruction.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.decoder import Decoder, DecoderConfig
-from models.errors import ConfigError
 from models.head import FrozenHead
 
 
@@ -103,7 +102,7 @@ class ContextDecoder(Decoder):
         self._init_blocks()
 
     @property
-    def uses_context(self) -> bool:
+    def needs_context(self) -> bool:
         return True
 
     @torch.no_grad()
@@ -120,24 +119,17 @@ class ContextDecoder(Decoder):
         self.embed_FD.copy_(W_dec_FD)
         self.b_D.copy_(b_dec_D)
 
-    @torch.no_grad()
-    def init_from_blocks(self, frozen_blocks: list[nn.Module]) -> list[str]:
-        """Copy Llama-family blocks (one per decoder block); returns what was loaded."""
-        if len(frozen_blocks) != len(self.blocks):
-            raise ConfigError(f"init_from_blocks: {len(frozen_blocks)} source blocks for {len(self.blocks)} decoder blocks")
-        for mine, theirs in zip(self.blocks, frozen_blocks):
-            state = {k: v.float() for k, v in theirs.state_dict().items()}
-            missing, _ = mine.load_state_dict(state, strict=False)
-            if missing:
-                raise ConfigError(f"--init upper-blocks: the model's blocks ({type(theirs).__name__}) lack {missing[:3]}; "
-                                  "use --init zero for this architecture")
-        return [type(b).__name__ for b in frozen_blocks]
-
-    def stream(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        """The stream after the blocks, [B, T, D]."""
+        if indices_BTK.dim() != 3:
+            raise ValueError(f"context decoder: expected [batch, positions, slots] features, got shape {tuple(indices_BTK.shape)}")
         B, T, K = indices_BTK.shape
         x = F.embedding_bag(indices_BTK.reshape(-1, K), self.embed_FD, per_sample_weights=values_BTK.reshape(-1, K).float(),
                             mode="sum").view(B, T, -1) + self.b_D
         return self._blocks(x)
+
+    def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
+        return self._blocks(feats_BTF.float() @ self.embed_FD + self.b_D)
 
     def _blocks(self, x_BTD: Tensor) -> Tensor:
         T = x_BTD.shape[1]
@@ -149,11 +141,8 @@ class ContextDecoder(Decoder):
                 x_BTD = block(x_BTD, cos, sin)
         return x_BTD.float()
 
-    def forward(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        if indices_BTK.dim() != 3:
-            raise ValueError(f"context decoder: expected [batch, positions, slots] features, got shape {tuple(indices_BTK.shape)}")
-        return self._add_bias(self.head(self.stream(indices_BTK, values_BTK)))
-
-    def forward_dense(self, feats_BTF: Tensor) -> Tensor:
-        x = feats_BTF.float() @ self.embed_FD + self.b_D
-        return self._add_bias(self.head(self._blocks(x)))
+    @torch.no_grad()
+    def direct_effects(self, feature_ids: Tensor) -> Tensor:
+        """Each feature's embedding row straight through the head's linear part: the path that skips the
+        blocks (the norm's per-position scale left out)."""
+        return self.head.direction_logits(self.embed_FD[feature_ids].float())

@@ -74,6 +74,15 @@ class FrozenHead(nn.Module):
     def forward(self, h_ND: Tensor) -> Tensor:
         return self.unembed(self.normed(h_ND))
 
+    def direction_logits(self, x_ND: Tensor) -> Tensor:
+        """The head's linear part once the norm's per-position scale is fixed (here to 1): U·(center(x) ⊙ g), fp32.
+
+        Biases are left out (see `constant_logits`), so that the logits of a sum of directions are the sum
+        of their logits.
+        """
+        w = self.unembed_VD
+        return ((self.center(x_ND.float()) * self.norm_weight_D.float()).to(w.dtype) @ w.t()).float()
+
     def constant_logits(self) -> Tensor:
         """The part of the logits that does not depend on the input (norm and unembedding biases), [V]."""
         if self.norm_bias_D is not None:

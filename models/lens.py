@@ -25,8 +25,9 @@ class TunedLens(nn.Module):
         nn.init.zeros_(self.translator.bias)
         self.head = head
 
-    def forward(self, h_BTD: Tensor) -> Tensor:
-        h = h_BTD.float()
+    def forward(self, h_BTD: Tensor, first: int = 0) -> Tensor:
+        """Logits of positions first..T−1 (the decoders' convention, so that a student is called one way)."""
+        h = h_BTD[:, first:].float()
         return self.head(h + self.translator(h))
 
     def save(self, directory: Path, extra: dict | None = None) -> None:

@@ -1,8 +1,8 @@
 """The RLlib policy: a `TorchRLModule` + `ValueFunctionAPI` wrapping a decoder checkpoint.
 
 - Observations are the environments' fixed-width sparse features, {"indices", "values"} of shape
-  [B, C+1, K] (positions t−C..t). Per-position decoders read the last position; context decoders
-  read them all.
+  [B, C+1, K] (positions t−C..t); the policy's logits are the decoder's at the last one (a context
+  decoder reads them all).
 - Sampling returns only the action and its log-prob: with ~49k actions, the full logits stored per
   step would cost 192 KiB each (RLlib keeps every module output in the episode). The learner
   recomputes the logits from the observation (see rl_env/ppo.py's slim PPO learner).
@@ -47,10 +47,7 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
 
     # -- the policy ------------------------------------------------------------------------
     def logits(self, obs: dict) -> torch.Tensor:
-        indices, values = obs["indices"].long(), obs["values"].float()
-        if self.decoder.uses_context:
-            return self.decoder(indices, values)[:, -1]
-        return self.decoder(indices[:, -1], values[:, -1])
+        return self.decoder.last_logits(obs["indices"].long(), obs["values"].float())
 
     @override(TorchRLModule)
     def _forward_inference(self, batch, **kwargs):

@@ -13,14 +13,15 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from models.errors import ConfigError
 from models.io import atomic_path, write_json_atomic
 from rl_env.config import EnvConfig
 from rl_env.learner import SlimPPOLearner
-from rl_env.ppo_config import PpoConfig, PpoExportConfig, load_yaml_overrides
+from rl_env.ppo_config import PpoConfig, PpoExportConfig
+from training.layout import RunLayout, decoder_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,10 @@ def engines_call(algo, fn) -> list:
 
 # -- configuration ----------------------------------------------------------------------------------
 def resolve(cfg: PpoConfig) -> PpoConfig:
-    """Fill in model / layer / SAE / data from the decoder; apply --config overrides to the options
-    left at their defaults (flags given on the command line win)."""
-    from distill.evaluate import decoder_dir
+    """Fill in model / layer / SAE / data from the decoder, and the discount and context the run's
+    environment and decoder imply."""
     from models.decoder import read_decoder_meta
 
-    if cfg.config is not None:
-        defaults = {f.name: f.default for f in fields(PpoConfig)}
-        overrides = {k: v for k, v in load_yaml_overrides(cfg.config).items() if getattr(cfg, k) == defaults[k]}
-        cfg = replace(cfg, **{k: Path(v) if k in ("decoder", "out") else v for k, v in overrides.items()})
     dec_dir = decoder_dir(cfg.decoder).resolve()
     meta = read_decoder_meta(dec_dir)
     updates = {"decoder": dec_dir, "model": cfg.model or meta.get("model", ""), "layer": int(meta.get("layer", cfg.layer)),
@@ -117,37 +113,53 @@ class Evaluator:
     """Held-out KL / top-1 (exact, full vocabulary) and task accuracy of a decoder."""
 
     def __init__(self, cfg: PpoConfig, frozen, sae):
-        from distill.config import TrainLoopConfig
-        from distill.train import HeldOut
+        from distill.heldout import HeldOut
 
         self.cfg, self.frozen, self.sae = cfg, frozen, sae
-        held_cfg = TrainLoopConfig(model=cfg.model, dtype=cfg.dtype, data=cfg.data, eval_tokens=cfg.eval_tokens, seed=cfg.seed)
-        self.held_out = HeldOut(held_cfg, frozen, cfg.layer)
+        self.held_out = HeldOut(decoder_corpus(cfg), frozen, cfg.layer, cfg.eval_tokens)
 
     def __call__(self, decoder) -> dict:
-        from distill.evaluate import task_accuracy
+        from distill.task_eval import task_answer_exact_match
 
         was_training = decoder.training
         decoder.eval()
         out = self.held_out.measure(decoder, self.sae)
         if self.cfg.task_suite:
-            tasks = task_accuracy(self.frozen, self.cfg.layer, {"decoder": (decoder, self.sae)}, self.cfg.task_suite,
-                                  self.cfg.task_examples, self.cfg.seed)
-            out.update(task_acc=tasks["decoder"], frozen_task_acc=tasks["frozen"])
+            tasks = task_answer_exact_match(self.frozen, self.cfg.layer, {"decoder": (decoder, self.sae)},
+                                            [self.cfg.task_suite], self.cfg.task_examples, self.cfg.seed,
+                                            mode="teacher_forced", prompt_format="bare", n_samples=0,
+                                            progress=False)["overall"]
+            out.update(task_acc=tasks["decoders"]["decoder"]["accuracy"], frozen_task_acc=tasks["frozen"])
         decoder.train(was_training)
         return out
 
 
 # -- the trial -------------------------------------------------------------------------------------------
+def decoder_corpus(cfg: PpoConfig):
+    """The corpus the decoder was distilled on (its run's config.json: data, sequence length, encoding,
+    text field, split), with --data overriding the data, and saying so."""
+    from corpus.config import CorpusConfig
+    from corpus.sources import absolute_spec
+    from training.config import from_record, read_record
+    from training.layout import RunLayout
+
+    saved = RunLayout.of_decoder(cfg.decoder).config
+    record = read_record(saved) if saved.is_file() else {"data": cfg.data}
+    if cfg.data and record.get("data") and absolute_spec(cfg.data) != record["data"]:
+        print(f"ppo: --data {cfg.data!r} overrides the decoder's training data {record['data']!r} ({saved})")
+    return from_record(CorpusConfig, record, data=cfg.data or record.get("data"))
+
+
 def _token_cache(cfg: PpoConfig, frozen) -> str:
     if cfg.cache:
         return str(Path(cfg.cache).resolve())
-    from distill.config import TrainLoopConfig
-    from distill.job import teacher_cache
+    from corpus.cache import build_cache
+    from corpus.config import CacheConfig
 
-    cache_cfg = TrainLoopConfig(model=cfg.model, dtype=cfg.dtype, data=cfg.data, tokens=cfg.cache_tokens, seed=cfg.seed,
-                                cache_dir=Path(cfg.out).parent / "cache")
-    return str(teacher_cache(cache_cfg, frozen, cfg.layer).root.resolve())
+    corpus = decoder_corpus(cfg)
+    cache_cfg = CacheConfig.covering(corpus, cfg.cache_tokens, str(cfg.layer), Path(cfg.out).parent / "cache",
+                                     teacher=True, model=cfg)
+    return str(build_cache(cache_cfg, frozen).root.resolve())
 
 
 def _learner_stats(result: dict) -> dict:
@@ -305,14 +317,14 @@ def run_ppo(cfg: PpoConfig) -> dict:
     try:
         trial = PpoTrial(cfg, out)
         try:
-            trial.start(resume_from=out / "checkpoint")
+            trial.start(resume_from=RunLayout(out).rllib_checkpoint)
             label = f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}"
             with tqdm(total=cfg.steps, initial=min(trial.env_steps, cfg.steps), desc=label, unit="step") as progress:
                 while not trial.done:
                     row = trial.step()
                     progress.update(min(row["env_steps"], cfg.steps) - progress.n)
                     if "eval/kl" in row:
-                        trial.save(out / "checkpoint")
+                        trial.save(RunLayout(out).rllib_checkpoint)
                         write_json_atomic(out / "history.json", trial.history)
             metrics = trial.finish()
         finally:
@@ -356,12 +368,12 @@ def run_ppo_export(cfg: PpoExportConfig) -> Path:
 
     run = Path(cfg.run)
     if cfg.which == "final":
-        src = run / "decoder"
+        src = RunLayout(run).decoder
         read_decoder_meta(src)  # refuses a folder without a decoder
         with atomic_path(Path(cfg.dest)) as tmp:
             shutil.copytree(src, tmp)
     else:
-        ckpt = run / "checkpoint" / "learner_group" / "learner" / "rl_module" / "default_policy"
+        ckpt = RunLayout(run).rllib_policy
         if not ckpt.is_dir():
             raise ConfigError(f"{run}: no RLlib checkpoint (expected {ckpt})")
         from ray.rllib.core.rl_module.rl_module import RLModule

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
-import yaml
 
 from models.errors import ConfigError
 from rl_env.config import EnvConfig
@@ -27,7 +26,7 @@ class PpoConfig(EnvConfig):
     """Output folder: metrics.json, decoder/ (the exported policy), checkpoint/, tb/."""
 
     config: Path | None = None
-    """A YAML file of field: value overrides (command-line flags given explicitly still win)."""
+    """A YAML file of field: value defaults (read by the CLI; any flag on the command line overrides it)."""
 
     data: str = ""
     """Corpus for the teacher cache (token env) and held-out evaluation (default: the decoder's training data)."""
@@ -79,21 +78,6 @@ class PpoConfig(EnvConfig):
             raise ConfigError(f"--minibatch-size {self.minibatch_size} must be at most --train-batch {self.train_batch}")
         if self.num_envs < 1:
             raise ConfigError(f"--num-envs: expected at least 1, got {self.num_envs}")
-
-
-def load_yaml_overrides(path: Path, cls=PpoConfig) -> dict:
-    """Field overrides from a YAML mapping; unknown keys are an error naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option: value")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    return data
 
 
 @dataclass

@@ -37,7 +37,7 @@ from rl_env.ppo_config import PpoConfig
 
 ALGORITHMS = ("grid", "random", "optuna", "pbt")
 WEIGHT_KEYS = ("alpha", "beta", "gamma")
-PATH_FIELDS = ("decoder", "cache", "sae", "out", "config")
+PATH_FIELDS = ("decoder", "cache", "sae", "out")
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load_sweep(path: Path) -> dict:
     spec.setdefault("algorithm", "random")
     if spec["algorithm"] not in ALGORITHMS:
         raise ConfigError(f"sweep file {path}: algorithm must be one of {', '.join(ALGORITHMS)}, got {spec['algorithm']!r}")
-    options = {f.name for f in fields(PpoConfig)}
+    options = {f.name for f in fields(PpoConfig)} - {"config"}  # only the CLI reads --config files; base holds the options
     for section in ("base", "space"):
         bad = sorted(set(spec.get(section) or {}) - options - (set(WEIGHT_KEYS) if section == "space" else set()))
         if bad:

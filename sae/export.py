@@ -33,8 +33,8 @@ from torch import Tensor
 
 from models.errors import ConfigError
 from models.io import atomic_path
-from sae.metrics import resolve_sae_dir
 from sae.model import SparseAutoencoder
+from training.layout import resolve_sae_dir
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -25,6 +25,7 @@ from models.frozen import FrozenLM
 from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.model import SparseAutoencoder
+from training.layout import resolve_sae_dir
 
 L0_BINS = [0, 1, 8, 16, 32, 48, 64, 80, 96, 128, 192, 256, 512, 1024, 1 << 30]
 DENSITY_BINS = [-math.inf, -7, -6, -5, -4, -3, -2, -1, 0.01]  # log10 firing frequency
@@ -127,11 +128,6 @@ class SaeEvalConfig(CorpusConfig, ModelConfig):
 
     out: Path | None = None
     """Optional JSON file for the metrics."""
-
-
-def resolve_sae_dir(path: Path) -> Path:
-    path = Path(path)
-    return path / "sae" if (path / "sae" / "cfg.json").is_file() else path
 
 
 @torch.inference_mode()

@@ -87,3 +87,47 @@ def test_latin1_text_is_read_with_fallback(tiny_model_dir, tmp_path, capsys):
 def test_unknown_command(capsys):
     code, _, err = _run(capsys, "frobnicate")
     assert code == 2 and "unknown command 'frobnicate'" in err
+
+
+@pytest.fixture
+def ppo_configs(monkeypatch):
+    """The configs `faithlens ppo` would run, without running the stage."""
+    import rl_env.ppo
+
+    seen = []
+    monkeypatch.setattr(rl_env.ppo, "run_ppo", seen.append)
+    return seen
+
+
+def test_config_file_gives_defaults_that_any_flag_on_the_command_line_overrides(tmp_path, capsys, ppo_configs):
+    from pathlib import Path
+
+    trial = tmp_path / "trial.yaml"
+    trial.write_text("lr: 0.5\nwindow: 6\nphases: '1:1/0/0'\nout: runs/from_yaml\ncache_tokens: 1e5\nminibatch_size: 2048\n")
+    code, _, err = _run(capsys, "ppo", "--config", str(trial), "--lr", "1e-5", "--window", "16", "--train-batch", "4096")
+    assert code == 0, err
+    (cfg,) = ppo_configs
+    assert cfg.lr == 1e-5 and cfg.window == 16  # typed with their default values, the flags still win
+    assert cfg.phases == "1:1/0/0" and cfg.out == Path("runs/from_yaml") and cfg.cache_tokens == 100_000
+    assert cfg.minibatch_size == 2048 and cfg.train_batch == 4096  # valid together, though not the file alone
+    assert cfg.config == trial
+    code, _, err = _run(capsys, "ppo", f"--config={trial}", "--train-batch", "4096")
+    assert code == 0, err
+    assert ppo_configs[-1].lr == 0.5 and ppo_configs[-1].window == 6  # no flag given: the file's values
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: [0.5\n", "not valid YAML at line 2"),
+    ("- lr\n- 0.5\n", "expected a mapping of option: value, got a list"),
+    ("learning_rate: 0.1\nlr: 0.1\n", "unknown option(s) learning_rate"),
+    ("lr: fast\n", "lr: expected float, got 'fast'"),
+    ("env: tokens\n", "env: expected one of token, generation"),
+    ("minibatch_size: 2048\n", "--minibatch-size 2048 must be at most --train-batch 1024"),
+])
+def test_bad_config_files_are_one_line_errors(text, message, tmp_path, capsys, ppo_configs):
+    (tmp_path / "bad.yaml").write_text(text)
+    code, _, err = _run(capsys, "ppo", "--config", str(tmp_path / "bad.yaml"))
+    _one_line_error(code, err, message)
+    code, _, err = _run(capsys, "ppo", "--config", str(tmp_path / "missing.yaml"))
+    _one_line_error(code, err, "missing.yaml: no such file")
+    assert not ppo_configs

@@ -86,20 +86,74 @@ def test_context_decoder_with_all_upper_blocks_reproduces_the_frozen_model(tiny_
     """Copied Llama blocks + our attention/rotary/MLP code must compute what transformers computes."""
     from distill.student import decoder_config
 
-    class _Sae:  # only the width is read
+    class _Sae:  # only the width is read: one 'feature' per residual dimension
         class cfg:
-            num_latents = 8
+            num_latents = tiny_frozen.d_model
 
     layer = 2
     cfg = decoder_config("context", _Sae, tiny_frozen, rank=0, vocab_bias=False, n_layers=tiny_frozen.n_layers - layer)
     decoder = ContextDecoder(cfg, FrozenHead.from_frozen(tiny_frozen))
+    decoder.init_from_sae(torch.eye(tiny_frozen.d_model), torch.zeros(tiny_frozen.d_model))  # the stream starts as h
     decoder.init_from_blocks([tiny_frozen.blocks[i] for i in range(layer, tiny_frozen.n_layers)])
     ids = torch.randint(3, tiny_frozen.vocab_size, (2, 12))
     logits, store = tiny_frozen.forward(ids, [layer])
     with torch.no_grad():
-        mine = decoder.head(decoder._blocks(store[layer].float()))
+        mine = decoder.forward_dense(store[layer].float())
     torch.testing.assert_close(mine.log_softmax(-1), logits.float().log_softmax(-1), atol=0.05, rtol=0.05)
     assert (mine.argmax(-1) == logits.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("arch", ["linear", "readout", "context"])
+def test_scored_positions_and_last_logits_match_the_full_forward(arch, tiny_frozen):
+    """`first` and `last_logits` (rows of different lengths) are views of the same logits, for every architecture."""
+    decoder = _decoder(arch, tiny_frozen)
+    indices, values, _ = _sparse_batch()
+    lengths = torch.tensor([6, 3])
+    with torch.no_grad():
+        full = decoder(indices, values)
+        torch.testing.assert_close(decoder(indices, values, first=2), full[:, 2:])
+        last = decoder.last_logits(indices, values, lengths)
+        torch.testing.assert_close(decoder.last_logits(indices, values), full[:, -1])
+    tol = 2e-2 if arch == "context" else 1e-5  # context blocks run under bf16 autocast, here on other shapes
+    torch.testing.assert_close(last[0], full[0, 5], atol=tol, rtol=tol)
+    short = decoder(indices[1:, :3], values[1:, :3])[0, -1] if decoder.needs_context else full[1, 2]
+    torch.testing.assert_close(last[1], short, atol=tol, rtol=tol)
+    assert decoder.needs_context == (arch == "context")
+
+
+def test_tuned_lens_scores_positions_the_decoders_way(tiny_frozen):
+    from models.lens import TunedLens
+
+    lens = TunedLens(tiny_frozen.d_model, FrozenHead.from_frozen(tiny_frozen))
+    h = torch.randn(2, 6, tiny_frozen.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(lens(h, first=1), lens(h)[:, 1:])
+
+
+@pytest.mark.parametrize("arch", ["linear", "readout"])
+def test_direct_effects_are_the_per_unit_logit_change_of_one_feature(arch, tiny_frozen):
+    decoder = _decoder(arch, tiny_frozen)
+    indices, values, _ = _sparse_batch()
+    idx, val = indices.flatten(0, 1), values.flatten(0, 1)
+    effects = decoder.direct_effects(idx.flatten()).view(*idx.shape, -1)
+    if arch == "readout":  # each slot's exact contribution is its effect × activation × the norm's scale
+        per_slot, _ = decoder.contributions(idx, val)
+        scale = decoder.head.scale(decoder.hidden(idx, val))
+        torch.testing.assert_close(per_slot, effects * (val[..., None] * scale[..., None]), atol=1e-5, rtol=1e-4)
+    else:  # linear in the features: one unit of a feature moves the logits by its effect
+        one = torch.zeros_like(val[:1]).index_fill_(1, torch.tensor([0]), 1.0)
+        with torch.no_grad():
+            change = decoder(idx[:1], one) - decoder(idx[:1], torch.zeros_like(one))
+        torch.testing.assert_close(change[0], effects[0, 0], atol=2e-2, rtol=2e-2)  # the up-projection runs in bf16
+
+
+def test_next_token_accuracy_on_a_hand_built_case():
+    from distill.metrics import next_token_accuracy
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 5.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 2])  # argmax 1, 0, 2, 1: the first two are right
+    assert next_token_accuracy(logits, labels) == pytest.approx(0.5)
+    assert next_token_accuracy(logits, logits.argmax(-1)) == 1.0
 
 
 def test_kl_matches_a_hand_computed_case():
@@ -141,7 +195,8 @@ def test_distillation_lowers_held_out_kl(arch, sharp_model_dir, tmp_path):
     from distill.config import DistillConfig
     from distill.job import teacher_cache
     from distill.student import build_student_decoder
-    from distill.train import DistillTrainer, HeldOut
+    from distill.heldout import HeldOut
+    from distill.train import DistillTrainer
     from models import ModelConfig, load_frozen
     from sae.model import SparseAutoencoder
 
@@ -152,7 +207,7 @@ def test_distillation_lowers_held_out_kl(arch, sharp_model_dir, tmp_path):
                         n_layers=1, init="zero", eval_tokens=512, eval_points=2, lr=3e-3)
     cache = teacher_cache(cfg, frozen, 2)
     student = build_student_decoder(arch, sae, frozen, 2, n_layers=1, init="zero")
-    trainer = DistillTrainer(cfg, "decoder", student, sae, cache, 2, held_out=HeldOut(cfg, frozen, 2))
+    trainer = DistillTrainer(cfg, student, sae, cache, 2, held_out=HeldOut(cfg, frozen, 2, cfg.eval_tokens))
     trainer.start()
     state = trainer.run()
     before, after = state.curve[0], state.curve[-1]
@@ -186,7 +241,12 @@ def test_decoder_train_resumes_after_a_worker_failure_and_eval_reports_every_bas
                  "--task-examples", "5", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert {"kl", "top1", "ce", "frozen_ce", "tokens", "baselines"} <= set(result)
+    assert {"kl", "top1", "ce", "frozen_ce", "tokens", "baselines", "next_token_acc", "frozen_next_token_acc",
+            "next_token_degradation_points"} <= set(result)
+    assert result["next_token_degradation_points"] == pytest.approx(
+        100 * (result["frozen_next_token_acc"] - result["next_token_acc"]))
+    assert 0 <= result["next_token_acc"] <= 1 and result["tasks"]["examples"] == 5
+    assert {"suite", "frozen", "readout"} <= set(result["tasks"])
     assert set(result["baselines"]) == {"logit_lens", "tuned_lens", "spliced_sae"}
     assert result["tokens"] > 0 and result["kl"] >= 0 and 0 <= result["top1"] <= 1
     assert set(result["corpora"]) == {"in_domain", "ood"}

@@ -175,18 +175,13 @@ def test_ppo_resumes_and_exports_a_decoder_that_decoder_eval_reads(rl_setup, cap
     assert result["tokens"] > 0 and "spliced_sae" in result["baselines"]
 
 
-def test_ppo_config_file_overrides_defaults_and_rejects_unknown_keys(rl_setup, tmp_path):
-    from models.errors import ConfigError
+def test_ppo_config_is_resolved_from_the_decoder(rl_setup):
+    # --config files are read by the CLI: tests/test_cli.py
     from rl_env.ppo import resolve
     from rl_env.ppo_config import PpoConfig
 
-    (tmp_path / "good.yaml").write_text("lr: 0.002\nphases: '1:1/0/0'\nwindow: 6\n")
-    cfg = resolve(PpoConfig(decoder=rl_setup["decoder"], config=tmp_path / "good.yaml", window=5))
-    assert cfg.lr == 0.002 and cfg.phases == "1:1/0/0" and cfg.window == 5  # the explicit flag wins
-    assert cfg.layer == 2 and cfg.gamma == 0.0 and cfg.sae == rl_setup["sae"]
-    (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match="unknown option.*learning_rate"):
-        resolve(PpoConfig(decoder=rl_setup["decoder"], config=tmp_path / "bad.yaml"))
+    cfg = resolve(PpoConfig(decoder=rl_setup["decoder"], window=5))
+    assert cfg.window == 5 and cfg.layer == 2 and cfg.gamma == 0.0 and cfg.sae == rl_setup["sae"]
 
 
 def test_sweep_runs_trials_and_compare_ranks_them_by_held_out_score(rl_setup, tmp_path, capsys, monkeypatch):

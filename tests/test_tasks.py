@@ -169,17 +169,18 @@ def test_chat_prompt_format_uses_the_template_once(embedded_frozen):
 
 
 # -- task evaluation -------------------------------------------------------------------------------------
-def test_evaluate_tasks_in_both_modes_returns_every_key(tiny_frozen, tmp_path):
+def test_task_answer_exact_match_in_both_modes_returns_every_key(tiny_frozen, tmp_path):
+    from corpus.packing import EVAL_SEED_OFFSET
     from distill.student import build_student_decoder
-    from distill.task_eval import evaluate_tasks
+    from distill.task_eval import task_answer_exact_match
     from sae.model import SparseAutoencoder
 
     sae = SparseAutoencoder.load(save_random_sae(tiny_frozen, tmp_path / "sae", layer=2))
     decoders = {"context": (build_student_decoder("context", sae, tiny_frozen, 2, n_layers=1), sae),
                 "readout": (build_student_decoder("readout", sae, tiny_frozen, 2), sae)}
     for mode in ("generate", "teacher_forced"):
-        result = evaluate_tasks(tiny_frozen, 2, decoders, ["arithmetic", "copying"], n=5, seed=0, mode=mode,
-                                prompt_format="auto", max_new_tokens=4, batch_size=3, n_samples=2, progress=False)
+        result = task_answer_exact_match(tiny_frozen, 2, decoders, ["arithmetic", "copying"], n=5, seed=0, mode=mode,
+                                         prompt_format="auto", max_new_tokens=4, batch_size=3, n_samples=2, progress=False)
         assert result["mode"] == mode and result["prompt_format"] == "bare" and result["seconds"] > 0
         for block in (*result["suites"].values(), result["overall"]):
             assert 0 <= block["frozen"] <= 1 and set(block["decoders"]) == {"context", "readout"}
@@ -189,6 +190,8 @@ def test_evaluate_tasks_in_both_modes_returns_every_key(tiny_frozen, tmp_path):
         sample = result["suites"]["copying"]["samples"][0]
         assert {"prompt", "reference", "frozen", "context", "readout", "frozen_correct"} <= sample.keys()
         assert sample["prompt"].startswith("Repeat exactly")
+        # held out: the stream of builtin:tasks' eval split, not the one a decoder trains on
+        assert sample["prompt"] == load_suite("copying", 5, seed=EVAL_SEED_OFFSET)[0].question_text()
 
 
 class _IdentitySae(nn.Module):
@@ -198,25 +201,28 @@ class _IdentitySae(nn.Module):
         return SimpleNamespace(indices_NK=torch.arange(x_ND.shape[1]).expand(x_ND.shape[0], -1), acts_NK=x_ND)
 
 
-class _FrozenReplay(nn.Module):
+def _frozen_replay(frozen, layer):
     """A context 'decoder' whose logits are the frozen model's own: it splices the residual back in at the layer."""
+    from models.decoder import FeatureDecoder
 
-    uses_context = True
+    class FrozenReplay(FeatureDecoder):
+        needs_context = True
 
-    def __init__(self, frozen, layer):
-        super().__init__()
-        self.frozen, self.layer = frozen, layer
+        def hidden(self, indices_BTK, values_BTK):  # its state is already the frozen model's logits
+            dummy = torch.zeros(values_BTK.shape[:2], dtype=torch.long)
+            logits, _ = frozen.forward(dummy, write={layer: lambda r: values_BTK.to(r.dtype)})
+            return logits.float()
 
-    def forward(self, indices_BTK, values_BTK):
-        dummy = torch.zeros(values_BTK.shape[:2], dtype=torch.long)
-        logits, _ = self.frozen.forward(dummy, write={self.layer: lambda r: values_BTK.to(r.dtype)})
-        return logits.float()
+        def readout(self, hidden):
+            return hidden
+
+    return FrozenReplay()
 
 
 def test_a_decoder_that_reproduces_the_frozen_model_loses_nothing(sharp_model_dir, monkeypatch):
     """The generation plumbing (left padding, KV cache, dropped rows, feature history) feeds the decoder the
     same prefix the frozen model sees: a decoder returning the frozen logits writes the same answers."""
-    from distill.task_eval import Reader, evaluate_tasks, greedy_generate
+    from distill.task_eval import Reader, greedy_generate, task_answer_exact_match
     from models import ModelConfig, load_frozen
     from models.frozen import FrozenLM
 
@@ -228,32 +234,38 @@ def test_a_decoder_that_reproduces_the_frozen_model_loses_nothing(sharp_model_di
     monkeypatch.setattr(FrozenLM, "eos_token_id", property(lambda self: stop))
     mine = greedy_generate(frozen, prompts, 8, stop_at_newline=False)
     assert len({len(r) for r in mine}) > 1
-    replay = greedy_generate(frozen, prompts, 8, stop_at_newline=False, reader=Reader(_FrozenReplay(frozen, 2), _IdentitySae(), 2))
+    replay = greedy_generate(frozen, prompts, 8, stop_at_newline=False, reader=Reader(_frozen_replay(frozen, 2), _IdentitySae(), 2))
     assert replay == mine
     monkeypatch.undo()
-    decoders = {"replay": (_FrozenReplay(frozen, 2), _IdentitySae())}
-    result = evaluate_tasks(frozen, 2, decoders, ["arithmetic", "copying"], n=6, seed=0, mode="generate",
-                            prompt_format="bare", max_new_tokens=6, batch_size=4, n_samples=6, progress=False)
+    decoders = {"replay": (_frozen_replay(frozen, 2), _IdentitySae())}
+    result = task_answer_exact_match(frozen, 2, decoders, ["arithmetic", "copying"], n=6, seed=0, mode="generate",
+                                     prompt_format="bare", max_new_tokens=6, batch_size=4, n_samples=6, progress=False)
     for suite in result["suites"].values():
         assert [s["replay"] for s in suite["samples"]] == [s["frozen"] for s in suite["samples"]]
         assert any(s["frozen"] for s in suite["samples"])
     assert result["overall"]["decoders"]["replay"]["degradation_points"] == 0
+    # teacher-forced: the decoder is scored on the same answer positions as the frozen model
+    forced = task_answer_exact_match(frozen, 2, decoders, ["arithmetic", "copying"], n=6, seed=0, mode="teacher_forced",
+                                     prompt_format="bare", n_samples=6, progress=False)
+    for suite in forced["suites"].values():
+        assert [s["replay_correct"] for s in suite["samples"]] == [s["frozen_correct"] for s in suite["samples"]]
+        assert [s["replay"] for s in suite["samples"]] == [s["frozen"] for s in suite["samples"]]
 
 
 def test_bad_mode_is_a_clear_error(tiny_frozen):
-    from distill.task_eval import evaluate_tasks
+    from distill.task_eval import task_answer_exact_match
 
     with pytest.raises(ConfigError, match="--mode: expected generate or teacher_forced"):
-        evaluate_tasks(tiny_frozen, 2, {}, ["arithmetic"], n=1, seed=0, mode="sample")
+        task_answer_exact_match(tiny_frozen, 2, {}, ["arithmetic"], n=1, seed=0, mode="sample")
 
 
 @pytest.mark.embedded
 def test_embedded_model_answers_arithmetic_in_chat_format(embedded_frozen):
-    from distill.task_eval import evaluate_tasks
+    from distill.task_eval import task_answer_exact_match
 
     t0 = time.perf_counter()
-    result = evaluate_tasks(embedded_frozen, 9, {}, ["arithmetic"], n=5, seed=0, mode="generate",
-                            prompt_format="chat", max_new_tokens=12, n_samples=5, progress=False)
+    result = task_answer_exact_match(embedded_frozen, 9, {}, ["arithmetic"], n=5, seed=0, mode="generate",
+                                     prompt_format="chat", max_new_tokens=12, n_samples=5, progress=False)
     assert result["prompt_format"] == "chat" and result["suites"]["arithmetic"]["examples"] == 5
     assert all(s["frozen"].strip() for s in result["suites"]["arithmetic"]["samples"])
     assert time.perf_counter() - t0 < 60
