@@ -141,12 +141,14 @@ def _as_field_type(path: Path, name: str, hint, value):
         elif kind is Path:
             if isinstance(value, str):
                 return Path(value)
-        elif kind in (int, float):
+        elif kind in (int, float) and not isinstance(value, bool):
+            if isinstance(value, int):
+                return kind(value)
             try:
-                number = float(value) if not isinstance(value, bool) else None
+                number = float(value)
             except (TypeError, ValueError):
-                number = None
-            if number is not None and (kind is float or number.is_integer()):
+                continue
+            if kind is float or number.is_integer():
                 return kind(number)
         else:  # a type without a YAML spelling to check: tyro's construction is the check
             return value

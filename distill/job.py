@@ -83,7 +83,7 @@ def _save_student(trainer, job: dict) -> None:
     if kind == "lens":
         trainer.student.save(run.lens, extra=extra)
     else:
-        extra.update({"sae": job["sae_dir"], "init": cfg.init, "source_blocks": getattr(trainer.student, "source_blocks", None)})
+        extra.update({"sae": job["sae_dir"], "init": cfg.init, "source_blocks": trainer.student.source_blocks})
         trainer.student.save(run.decoder, extra=extra)
     held_out = trainer.held_out
     write_json_atomic(run.metrics, {"kind": kind, "layer": layer, "train_tokens": train_tokens, "steps": state.step,

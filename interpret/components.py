@@ -10,8 +10,8 @@ from torch import Tensor
 from distill.student import sae_features
 from interpret.run import InterpretRun
 from models.config import DEFAULT_MODEL, ModelConfig
-from models.errors import ConfigError
 from models.decoder import FeatureDecoder, load_decoder, read_decoder_meta
+from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.head import FrozenHead
 from models.loading import load_frozen

@@ -31,9 +31,10 @@ from training.stages import StagePlan
 DEMO_DATA = "builtin:tasks:arithmetic+comparison+counting*0.5,builtin:self*0.5"
 DEMO_OOD = "builtin:tasks:boolean+copying"
 
-CHAIN = ("sae", "distill", "ppo", "importance", "evidence", "labels", "scores", "eval", "explain")
-"""The stages in the order they read each other's output. The layer baselines read none of them; explain
-runs before the eval table (so that the run ends with the table) but the table does not read it."""
+READS = {"baseline": (), "sae": (), "distill": ("sae",), "ppo": ("distill",), "importance": ("distill",),
+         "evidence": ("distill",), "labels": ("importance", "evidence"), "scores": ("labels",),
+         "explain": ("scores",), "eval": ("ppo", "scores")}
+"""Each stage, in run order, and the stages whose output it reads (`training.stages.StagePlan`)."""
 
 
 @dataclass
@@ -93,8 +94,8 @@ class _Stages:
     def __init__(self, console: Console, total: int, layout: RunLayout):
         self.console, self.total, self.i = console, total, 0
         self.t0 = time.perf_counter()
-        self.plan = StagePlan([layout.stage(name) for name in CHAIN],
-                              say=lambda message: console.print(f"      {message}", markup=False))
+        self.plan = StagePlan({name: layout.stage(name) for name in READS}, READS,
+                              say=lambda message: console.print(f"      {message}", markup=False, soft_wrap=True))
 
     def start(self, title: str) -> float:
         self.i += 1
@@ -105,7 +106,7 @@ class _Stages:
         verb = "reused" if reused else f"done in {time.perf_counter() - t:.0f} s"
         self.console.print(f"      {verb} → {where}")
 
-    def reuse_or_run(self, stage, cfg, work: Callable[[], object]) -> bool:
+    def reuse_or_run(self, stage: str, cfg, work: Callable[[], object]) -> bool:
         """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output."""
         wanted = to_record(cfg)
         if self.plan.reuse(stage, wanted):
@@ -114,7 +115,7 @@ class _Stages:
         self.plan.finished(stage, wanted)
         return False
 
-    def step(self, title: str, stage, cfg, work: Callable[[], object], where: Path) -> None:
+    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path) -> None:
         t = self.start(title)
         self.done(t, where, self.reuse_or_run(stage, cfg, work))
 
@@ -153,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> None:
         write_json_atomic(layout.baseline_json, result)
         write_text_atomic(layout.baseline.root / "baseline.md", baseline_markdown(result) + "\n")
 
-    stages.step("layer baselines on the held-out split", layout.stage("baseline"), baseline_cfg, baseline,
+    stages.step("layer baselines on the held-out split", "baseline", baseline_cfg, baseline,
                 layout.baseline_json)
 
     # the Ray and RLlib stacks load slowly: each stage imports its command only when it runs
@@ -166,7 +167,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
         run_sae_train(sae_cfg)
 
-    stages.step(f"TopK SAE on layer {cfg.layer} (Ray Train job)", layout.stage("sae"), sae_cfg, sae, layout.sae_run.root)
+    stages.step(f"TopK SAE on layer {cfg.layer} (Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root)
 
     distill_cfg = DistillConfig(model=cfg.model, data=cfg.data, sae=layout.sae_run.root, arch=cfg.decoder_arch,
                                 tokens=cfg.cache_tokens, cache=cache.root, out=layout.distill.root,
@@ -177,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
         run_decoder_train(distill_cfg)
 
-    stages.step(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)", layout.stage("distill"),
+    stages.step(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)", "distill",
                 distill_cfg, distill, layout.distill.decoder)
 
     ppo_cfg = PpoConfig(decoder=layout.distill.root, out=layout.ppo.root, cache=str(cache.root), steps=cfg.ppo_steps,
@@ -188,7 +189,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
         run_ppo(ppo_cfg)
 
-    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)", layout.stage("ppo"), ppo_cfg, ppo, layout.ppo.decoder)
+    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
 
     _interpret_stages(cfg, layout, frozen, stages)
     console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
@@ -211,7 +212,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         write_json_atomic(run.importance, compute_importance(importance_cfg, components()))
 
-    stages.step("feature importance (attribution patching, checked by ablation)", run.stage("importance"),
+    stages.step("feature importance (attribution patching, checked by ablation)", "importance",
                 importance_cfg, importance, run.importance)
 
     evidence_cfg = EvidenceConfig(run=out, model=cfg.model, data=cfg.data, split="train", tokens=cfg.cache_tokens // 2,
@@ -222,7 +223,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         save_evidence(run, *build_evidence(evidence_cfg, components()))
 
-    stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", run.stage("evidence"),
+    stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", "evidence",
                 evidence_cfg, evidence, run.evidence)
 
     t = stages.start(f"labels for the {cfg.label_top} most important features (local model) and their scores")
@@ -242,8 +243,8 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         run_score(score_cfg, simulator=local())
 
-    reused = stages.reuse_or_run(run.stage("labels"), label_cfg, labels)
-    reused = stages.reuse_or_run(run.stage("scores"), score_cfg, scores) and reused
+    reused = stages.reuse_or_run("labels", label_cfg, labels)
+    reused = stages.reuse_or_run("scores", score_cfg, scores) and reused
     stages.done(t, run.scores, reused)
 
     explain_cfg = ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=run.explain_html, chat=True)
@@ -253,7 +254,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         run_explain(explain_cfg)
 
-    stages.step(f"explain {cfg.explain!r}", run.stage("explain"), explain_cfg, explain, run.explain_html)
+    stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html)
 
     t = stages.start("eval table")
     from interpret.eval_records import EvalReport
@@ -261,7 +262,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
     eval_cfg = EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
                           task_examples=cfg.task_examples, ppo=run.ppo.root)
-    reused = stages.reuse_or_run(run.stage("eval"), eval_cfg, lambda: run_eval(eval_cfg))
+    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg))
     if reused:
         print_table(EvalReport.from_json(json.loads(run.eval_json.read_text())), stages.console)
     stages.done(t, run.eval.root, reused)

@@ -193,9 +193,9 @@ def _tiny_sae(frozen, tmp_path, layer=2):
 @pytest.mark.parametrize("arch", ["readout", "context"])
 def test_distillation_lowers_held_out_kl(arch, sharp_model_dir, tmp_path):
     from distill.config import DistillConfig
+    from distill.heldout import HeldOut
     from distill.job import teacher_cache
     from distill.student import build_student_decoder
-    from distill.heldout import HeldOut
     from distill.train import DistillTrainer
     from models import ModelConfig, load_frozen
     from sae.model import SparseAutoencoder

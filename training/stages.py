@@ -2,7 +2,7 @@
 the one requested; otherwise it reruns, and so does every stage after it that reads its output.
 
 A stage's record is `training.config.to_record` of its config: the config.json a Ray Train job writes,
-or a stage.json the pipeline writes once the stage finished (see `training.layout.Stage`).
+or a stage record the pipeline writes once the stage finished (see `training.layout.Stage`).
 """
 
 from __future__ import annotations
