@@ -20,13 +20,12 @@ from pathlib import Path
 
 T_START = time.perf_counter()
 
+import sparsify  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from sparsify import SparseCoder, SparseCoderConfig, TrainConfig, Trainer  # noqa: E402
 from transformers import AutoModel  # noqa: E402
-
-import sparsify  # noqa: E402
-from sparsify import SparseCoder, SparseCoderConfig, Trainer, TrainConfig  # noqa: E402
 
 RUN_NAME = "run"
 CHECK_SEQUENCES = 2  # sequences whose activations and SAE outputs are saved to check the conversion

@@ -36,7 +36,8 @@ def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, 
     else:
         cfg, sae = DistillConfig(arch=kind, **common), SparseAutoencoder.load(Path(sae_dir))
     frozen = load_frozen(cfg)
-    student = build_lens(frozen) if kind == "lens" else build_student_decoder(kind, sae, frozen, layer, n_layers=min(4, frozen.n_layers - layer))
+    n_layers = min(4, frozen.n_layers - layer)
+    student = build_lens(frozen) if kind == "lens" else build_student_decoder(kind, sae, frozen, layer, n_layers=n_layers)
     trainer = DistillTrainer(cfg, student, sae, ActivationCache.open(Path(cache_root)), layer)
     batches = trainer.data.iterate()
     trainer._train_step(next(batches))  # warm-up (allocations, kernels)

@@ -45,7 +45,8 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
                                                         "data": "builtin:tasks"})
         decoder = str(root_p / "decoder")
     cfg = resolve(PpoConfig(decoder=Path(decoder), dtype=dtype, cache=str(cache.root), steps=iterations * train_batch,
-                            train_batch=train_batch, minibatch_size=min(256, train_batch), num_envs=num_envs, eval_every=10**6, eval_tokens=256,
+                            train_batch=train_batch, minibatch_size=min(256, train_batch), num_envs=num_envs, eval_every=10**6,
+                            eval_tokens=256,
                             task_examples=2, out=root_p / "ppo"))
     results = {}
     env_cfg = EnvConfig.from_dict({**cfg.__dict__, "cache": str(cache.root)})

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
-from typing import Iterable, Literal
+from typing import Literal
 
 _NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?|[-−]?\$?\.\d+")
 _YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}

@@ -19,9 +19,9 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class ActivationCache:
         self._maps: dict[int, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def open(cls, root: Path, verify: bool = True) -> "ActivationCache":
+    def open(cls, root: Path, verify: bool = True) -> ActivationCache:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():

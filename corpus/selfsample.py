@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

@@ -1,6 +1,7 @@
 """The two faces of `faithlens explain`: a rich terminal dashboard and one self-contained HTML file.
 
-Both render the `Explanation` record built by `interpret.explain` (the HTML page also embeds its `--json` object). Every string in it may come from
+Both render the `Explanation` record built by `interpret.explain` (the HTML page also embeds its `--json` object).
+Every string in it may come from
 data (corpus text, model output, LLM labels), so the terminal side escapes rich markup and control
 characters, and the HTML side autoescapes all markup, embeds the data as JSON with `<`, `>`, `&`,
 U+2028/9 escaped, builds the token panel with `textContent` only, and ships a Content-Security-Policy

@@ -8,8 +8,8 @@ those stages return them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 TARGETS: dict[str, tuple[str, str, Callable[[float], bool]]] = {
     "kl": ("decoder faithfulness: KL(p_frozen ‖ p_decoder), nats/token", "< 0.5", lambda v: v < 0.5),
@@ -41,7 +41,7 @@ class MetricRow:
     note: str = ""
 
     @classmethod
-    def measure(cls, metric: str, value: float | None, note: str = "") -> "MetricRow":
+    def measure(cls, metric: str, value: float | None, note: str = "") -> MetricRow:
         """The row for `metric`, judged against its target."""
         desc, target, test = TARGETS[metric]
         return cls(metric, desc, target, value, None if value is None else bool(test(value)), note)
@@ -57,7 +57,7 @@ class MetricRow:
                 "passed": self.passed, "note": self.note}
 
     @classmethod
-    def from_json(cls, d: dict) -> "MetricRow":
+    def from_json(cls, d: dict) -> MetricRow:
         return cls(d["metric"], d["description"], d["target"], d["value"], d["passed"], d.get("note", ""))
 
 
@@ -76,7 +76,7 @@ class CorpusScore:
         return {"ce": self.ce} if self.kl is None else {"kl": self.kl, "top1": self.top1, "ce": self.ce}
 
     @classmethod
-    def from_json(cls, d: dict) -> "CorpusScore":
+    def from_json(cls, d: dict) -> CorpusScore:
         return cls(d["ce"], d.get("kl"), d.get("top1"))
 
 
@@ -101,7 +101,7 @@ class Baseline:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Baseline":
+    def from_json(cls, d: dict) -> Baseline:
         return cls({c: CorpusScore.from_json(s) for c, s in d.items() if c != "task_accuracy"}, d.get("task_accuracy"))
 
 
@@ -147,7 +147,7 @@ class EvalReport:
                 "config": self.config}
 
     @classmethod
-    def from_json(cls, d: dict) -> "EvalReport":
+    def from_json(cls, d: dict) -> EvalReport:
         return cls(d["run"], d["model"], int(d["layer"]), d["data"], d["ood"], [MetricRow.from_json(r) for r in d["rows"]],
                    {m: Baseline.from_json(b) for m, b in d["baselines"].items()}, d["layer_curve"], d["corpora"],
                    d["sae"], d.get("tasks"), d.get("labels", {}), d["decoders"], d.get("lens"), d.get("plots", []),

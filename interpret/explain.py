@@ -30,8 +30,18 @@ from rich.console import Console
 from interpret.attribution import ablate, decoder_attribution, per_feature, top_share
 from interpret.components import Components, load_components
 from interpret.config import ExplainConfig
-from interpret.explain_records import (AblationScore, Explanation, Explanations, FeatureAttribution, FeatureContext,
-                                       Faithfulness, Prediction, TokenActivations, TokenFeature, TokenProb)
+from interpret.explain_records import (
+    AblationScore,
+    Explanation,
+    Explanations,
+    Faithfulness,
+    FeatureAttribution,
+    FeatureContext,
+    Prediction,
+    TokenActivations,
+    TokenFeature,
+    TokenProb,
+)
 from interpret.run import InterpretRun
 
 log = logging.getLogger(__name__)

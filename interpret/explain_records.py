@@ -48,7 +48,7 @@ class Faithfulness:
 
     @classmethod
     def measure(cls, named: AblationScore, kept: int, top10_share: float,
-                random: list[AblationScore]) -> "Faithfulness":
+                random: list[AblationScore]) -> Faithfulness:
         def mean(xs: list[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
 
@@ -62,7 +62,7 @@ class Faithfulness:
                 "top10_share": self.top10_share}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Faithfulness":
+    def from_json(cls, d: dict) -> Faithfulness:
         return cls(d["sufficiency"], d["comprehensiveness"], d["sufficient_top1"], d["kept_features"], d["top10_share"],
                    d.get("random_sufficiency"), d.get("random_comprehensiveness"))
 
@@ -101,7 +101,7 @@ class Prediction:
                 "agrees_with_frozen": self.agrees_with_frozen, "top_predictions": [p.to_json() for p in self.top]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Prediction":
+    def from_json(cls, d: dict) -> Prediction:
         return cls(d["next_token"], int(d["next_token_id"]), d["confidence"], d["frozen_next_token"],
                    d["frozen_confidence"], d["frozen_prob_of_prediction"], bool(d["agrees_with_frozen"]),
                    [TokenProb(p["token"], p["prob"]) for p in d.get("top_predictions", [])])
@@ -126,7 +126,7 @@ class FeatureContext:
                 "promoted": [list(p) for p in self.promoted]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "FeatureContext":
+    def from_json(cls, d: dict) -> FeatureContext:
         hist = d.get("histogram") or {"edges": [], "counts": []}
         return cls(d["density"], [Example.from_json(e) for e in d.get("examples", [])],
                    (list(hist["edges"]), list(hist["counts"])), [(str(t), v) for t, v in d.get("promoted", [])])
@@ -164,7 +164,7 @@ class FeatureAttribution:
         return {**d, **self.context.to_json()} if self.context is not None else d
 
     @classmethod
-    def from_json(cls, d: dict) -> "FeatureAttribution":
+    def from_json(cls, d: dict) -> FeatureAttribution:
         return cls(int(d["id"]), d.get("label"), d["activation"], d["max_activation_in_input"], d["attribution"],
                    d["share"], int(d["peak_position"]), d["peak_token"], dict(d.get("label_scores") or {}),
                    FeatureContext.from_json(d) if "density" in d else None)
@@ -191,7 +191,7 @@ class TokenActivations:
         return {"text": self.text, "features": [f.to_json() for f in self.features]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "TokenActivations":
+    def from_json(cls, d: dict) -> TokenActivations:
         return cls(d["text"], [TokenFeature(int(f["id"]), f["activation"], f.get("label")) for f in d.get("features", [])])
 
 
@@ -240,7 +240,7 @@ class Explanation:
                 **self.faithfulness.to_json(), "trace": self.trace, "explanations": self.explanations.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Explanation":
+    def from_json(cls, d: dict) -> Explanation:
         words = d.get("explanations") or {}
         return cls(d["text"], d["model"], int(d["layer"]), d["run"], d.get("decoder"), bool(d.get("chat", False)),
                    Prediction.from_json(d), [TokenActivations.from_json(t) for t in d["tokens"]],

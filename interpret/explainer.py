@@ -79,7 +79,7 @@ class ExplanationDecoder(nn.Module):
                                                             "max_words": self.max_words}))
 
     @classmethod
-    def load(cls, directory) -> "ExplanationDecoder":
+    def load(cls, directory) -> ExplanationDecoder:
         meta = json.loads((directory / "explainer.json").read_text())
         model = cls(meta["num_latents"], meta["vocab"], meta["hidden"], meta["max_words"])
         model.load_state_dict(load_file(str(directory / "explainer.safetensors")))
@@ -126,7 +126,8 @@ def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig)
     return idx[chosen], val[chosen], texts
 
 
-def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: InterpretRun, progress: bool = True) -> tuple[ExplanationDecoder, dict]:
+def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: InterpretRun,
+                    progress: bool = True) -> tuple[ExplanationDecoder, dict]:
     torch.manual_seed(cfg.seed)
     indices, values, texts = build_pairs(run, labels, cfg)
     if len(texts) < 10:

@@ -21,8 +21,17 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from corpus.packing import sequences
-from interpret.attribution import (ablate, decoder_attribution, objective, per_feature, spearman, spliced_attribution,
-                                   spliced_error, spliced_forward, top_share)
+from interpret.attribution import (
+    ablate,
+    decoder_attribution,
+    objective,
+    per_feature,
+    spearman,
+    spliced_attribution,
+    spliced_error,
+    spliced_forward,
+    top_share,
+)
 from interpret.components import Components, load_components
 from interpret.config import ImportanceConfig
 from interpret.run import InterpretRun

@@ -34,7 +34,7 @@ class Example:
         return "".join(self.tokens)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Example":
+    def from_json(cls, d: dict) -> Example:
         return cls(tokens=list(d["tokens"]), acts=[float(a) for a in d["acts"]], center=int(d["center"]),
                    quantile=d.get("quantile"))
 
@@ -72,7 +72,7 @@ class FeatureEvidence:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "FeatureEvidence":
+    def from_json(cls, d: dict) -> FeatureEvidence:
         hist = d.get("histogram") or {"edges": [], "counts": []}
         return cls(
             feature=int(d["feature"]), density=float(d["density"]), max_activation=float(d["max_activation"]),

@@ -313,7 +313,8 @@ def run_ppo(cfg: PpoConfig) -> dict:
     out = Path(cfg.out).resolve()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address="local", num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False,
+                 include_dashboard=False)
     try:
         trial = PpoTrial(cfg, out)
         try:
@@ -356,7 +357,8 @@ def _print_summary(metrics: dict, out: Path) -> None:
         w = ph["weights"]
         print(f"  phase {ph['phase']} (α {w['alpha']:.2f}, β {w['beta']:.2f}, γ {w['gamma']:.2f}; env steps "
               f"{ph['env_steps'][0]:,}–{ph['env_steps'][1]:,}): at its end KL {end.get('kl', float('nan')):.3f}, top-1 "
-              f"{end.get('top1', float('nan')):.1%}, task {end.get('task_acc', float('nan')):.1%}; mean reward {ph['mean_rewards']['reward']:.3f}")
+              f"{end.get('top1', float('nan')):.1%}, task {end.get('task_acc', float('nan')):.1%}; "
+              f"mean reward {ph['mean_rewards']['reward']:.3f}")
     m = metrics["mean_rewards"]
     print(f"mean rewards: total {m['reward']:.3f}, r_faith {m['r_faith']:.3f}, r_mono {m['r_mono']:.3f}, r_task {m['r_task']:.3f}"
           + (" (the reward was replaced by noise)" if metrics["random_reward"] else ""))

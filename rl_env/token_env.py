@@ -66,7 +66,8 @@ class TokenEngine(Engine):
         for r, first, stop in spans:
             n = stop - first
             self.feat_idx[r], self.feat_val[r] = 0, 0.0
-            self.feat_idx[r, first + C : stop + C], self.feat_val[r, first + C : stop + C] = idx[offset : offset + n], val[offset : offset + n]
+            self.feat_idx[r, first + C : stop + C] = idx[offset : offset + n]
+            self.feat_val[r, first + C : stop + C] = val[offset : offset + n]
             offset += n
         return self._obs()
 

@@ -13,7 +13,7 @@ def _run(capsys, *args):
 
 def _one_line_error(code, err, pattern):
     assert code == 2
-    lines = [l for l in err.splitlines() if l.startswith("faithlens")]
+    lines = [line for line in err.splitlines() if line.startswith("faithlens")]
     assert len(lines) == 1, err
     assert pattern in lines[0], lines[0]
 

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
+from corpus.answers import is_correct, normalize_answer
 from corpus.config import CorpusConfig, parse_layers
 from corpus.packing import pack_documents, sequences
 from corpus.sources import parse_sources, read_text
-from corpus.answers import is_correct, normalize_answer
 from corpus.tasks import generate_tasks, suite_examples
 from models import ConfigError
 from tests.conftest import SHARED_DATA

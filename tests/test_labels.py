@@ -16,8 +16,7 @@ from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
 from interpret.run import InterpretRun
-from interpret.scoring import (auroc, balanced_accuracy, detection_score, fuzz_pair, fuzzing_score,
-                               run_score)
+from interpret.scoring import auroc, balanced_accuracy, detection_score, fuzz_pair, fuzzing_score, run_score
 from models.errors import ConfigError
 
 

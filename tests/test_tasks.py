@@ -91,7 +91,8 @@ def test_gsm8k_boolq_squad_and_generic_files(tmp_path):
     ])
     by_q = {e.prompt: e for e in load_suite(f"boolq:{boolq}", 2, seed=0)}
     assert by_q["Is the sky blue?"].answer == "yes" and by_q["Is fire cold?"].answer == "no"
-    assert by_q["Is fire cold?"].context == "Fire is hot." and "Fire is hot.\nQuestion: Is fire cold?" in by_q["Is fire cold?"].prompt_text()
+    assert by_q["Is fire cold?"].context == "Fire is hot."
+    assert "Fire is hot.\nQuestion: Is fire cold?" in by_q["Is fire cold?"].prompt_text()
 
     squad = _jsonl(tmp_path / "squad.jsonl", [{
         "context": "Super Bowl 50 was won by the Denver Broncos.", "question": "Who won Super Bowl 50?",

@@ -14,8 +14,17 @@ import tyro
 import benchmarks.sae_vs_sparsify as package
 from benchmarks.sae_vs_sparsify.config import BenchDirs, BenchError, CompareConfig
 from benchmarks.sae_vs_sparsify.evaluate import check_conversion, convert_sparsify_sae, evaluate_both, results_table
-from benchmarks.sae_vs_sparsify.train import (ensure_sparsify_venv, model_folder, only_cache, our_train_config,
-                                              run_ours, run_sparsify, save_dataset, sparsify_sequences, train_sequences)
+from benchmarks.sae_vs_sparsify.train import (
+    ensure_sparsify_venv,
+    model_folder,
+    only_cache,
+    our_train_config,
+    run_ours,
+    run_sparsify,
+    save_dataset,
+    sparsify_sequences,
+    train_sequences,
+)
 from models.errors import ConfigError
 from models.io import write_json_atomic, write_text_atomic
 from sae.model import SparseAutoencoder
