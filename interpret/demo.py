@@ -152,7 +152,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
         result = measure_baseline(baseline_cfg, frozen)
         write_json_atomic(layout.baseline_json, result)
-        write_text_atomic(layout.baseline.root / "baseline.md", baseline_markdown(result) + "\n")
+        write_text_atomic(layout.baseline_md, baseline_markdown(result) + "\n")
 
     stages.step("layer baselines on the held-out split", "baseline", baseline_cfg, baseline,
                 layout.baseline_json)

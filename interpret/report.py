@@ -37,7 +37,7 @@ def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig
 
         data = DEFAULT_DATA
     ood = cfg.ood or meta.get("ood_domain", "")
-    ppo = cfg.ppo if cfg.ppo is not None else (run.root / "ppo" if (run.root / "ppo").is_dir() else None)
+    ppo = cfg.ppo if cfg.ppo is not None else (run.ppo.root if run.ppo.root.is_dir() else None)
     if ppo is not None:
         from training.layout import decoder_dir
 
@@ -45,7 +45,7 @@ def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig
         if not (ppo / "decoder.json").is_file():
             log.warning("no exported decoder in %s; the PPO comparison is skipped", ppo)
             ppo = None
-    lens = cfg.lens if cfg.lens is not None else (run.root / "lens" if (run.root / "lens").is_dir() else None)
+    lens = cfg.lens if cfg.lens is not None else run.lens_dir
     return replace(cfg, data=data, ood=ood), ppo, lens
 
 
@@ -245,7 +245,7 @@ def run_eval(cfg: EvalConfig) -> EvalReport:
     from interpret.plots import write_plots
 
     report = evaluate_run(cfg, progress=not cfg.json)
-    out = InterpretRun(cfg.run).root / "eval"
+    out = InterpretRun(cfg.run).eval.root
     report.plots = [str(p) for p in write_plots(report, cfg.plots or out / "plots")]
     report.config = {k: str(v) for k, v in asdict(cfg).items()}
     write_json_atomic(out / "eval.json", report.to_json())

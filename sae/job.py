@@ -18,6 +18,7 @@ from models.loading import load_frozen
 from sae.config import SaeTrainConfig
 from sae.train import SaeTrainer
 from training.config import pick, to_record
+from training.layout import RunLayout
 from training.ray_job import run_stage_job
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ def run_sae_train(cfg: SaeTrainConfig) -> Path:
 
 
 def train_and_evaluate(cfg: SaeTrainConfig, cache: ActivationCache, frozen) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", to_record(pick(cfg, SaeTrainConfig)))
+    run = RunLayout(cfg.out)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.config, to_record(pick(cfg, SaeTrainConfig)))
     run_ray_training(cfg, cache)
-    sae_dir = out / "sae"
-    print(f"SAE saved to {sae_dir} (cfg.json, sae.safetensors); TensorBoard: tensorboard --logdir {out / 'tb'}")
+    sae_dir = run.sae
+    print(f"SAE saved to {sae_dir} (cfg.json, sae.safetensors); TensorBoard: tensorboard --logdir {run.tb}")
     if cfg.eval_tokens:
         from sae.metrics import run_sae_eval
 
@@ -68,4 +69,4 @@ def train_and_evaluate(cfg: SaeTrainConfig, cache: ActivationCache, frozen) -> P
 def eval_config_for(cfg: SaeTrainConfig, sae_dir: Path):
     from sae.metrics import SaeEvalConfig
 
-    return pick(cfg, SaeEvalConfig, sae=sae_dir, tokens=cfg.eval_tokens, split="eval", out=Path(cfg.out) / "metrics.json")
+    return pick(cfg, SaeEvalConfig, sae=sae_dir, tokens=cfg.eval_tokens, split="eval", out=RunLayout(cfg.out).metrics)

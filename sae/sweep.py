@@ -13,6 +13,7 @@ from sae.config import SaeTrainConfig
 from sae.job import cache_config_for, eval_config_for, run_ray_training
 from sae.metrics import evaluate_sae
 from sae.model import SparseAutoencoder
+from training.layout import RunLayout
 
 
 @dataclass
@@ -61,9 +62,10 @@ def run_sweep_layers(cfg: SaeSweepConfig) -> dict:
     for layer in layers:
         sub = replace(cfg, layer=layer, out=Path(cfg.out) / f"layer{layer}")
         run_ray_training(sub, cache)
-        sae = SparseAutoencoder.load(Path(sub.out) / "sae")
-        result = evaluate_sae(sae, frozen, eval_config_for(sub, Path(sub.out) / "sae"), layer)
-        write_json_atomic(Path(sub.out) / "metrics.json", result)
+        stage = RunLayout(sub.out)
+        sae = SparseAutoencoder.load(stage.sae)
+        result = evaluate_sae(sae, frozen, eval_config_for(sub, stage.sae), layer)
+        write_json_atomic(stage.metrics, result)
         rows.append(result)
     chosen, why = choose_layer(rows)
     table = sweep_table(rows, chosen, why)

@@ -20,6 +20,7 @@ from models.loading import resolve_dtype
 from sae.config import L1_NAMES, SaeConfig, SaeTrainConfig
 from sae.data import TokenBatches
 from sae.model import SparseAutoencoder
+from training.layout import RunLayout
 from training.schedule import parse_phases, phase_index
 from training.trainer import Trainer
 
@@ -175,5 +176,6 @@ class SaeTrainer(Trainer):
         if self.cfg.arch == "batchtopk" and self.state.threshold_count:
             sae.threshold.fill_(self.state.threshold_sum / self.state.threshold_count)
         extra = {"layer": self.cfg.layer, "model": self.cfg.model, "train_tokens": self.state.step * self.cfg.batch_tokens}
-        sae.save(Path(self.cfg.out) / "sae", input_scale=self.state.input_scale, extra=extra)
-        return Path(self.cfg.out) / "sae"
+        sae_dir = RunLayout(self.cfg.out).sae
+        sae.save(sae_dir, input_scale=self.state.input_scale, extra=extra)
+        return sae_dir

@@ -117,6 +117,10 @@ class RunLayout:
         return self.baseline.root / "baseline.json"
 
     @property
+    def baseline_md(self) -> Path:
+        return self.baseline.root / "baseline.md"
+
+    @property
     def eval_json(self) -> Path:
         return self.eval.root / "eval.json"
 
@@ -179,7 +183,9 @@ class RunLayout:
                   "eval": self.eval}
         if name in ("sae", "distill"):  # Ray Train jobs: their config.json is the record
             run = folder[name]
-            return Stage(name, run.config, run.metrics, (run.root,), recorded_by_job=True)
+            # the SAE's metrics.json exists only with --eval-tokens; what later stages read is its weights
+            done = run.sae / "cfg.json" if name == "sae" else run.metrics
+            return Stage(name, run.config, done, (run.root,), recorded_by_job=True)
         if name in folder:
             run = folder[name]
             done = {"baseline": self.baseline_json, "ppo": run.metrics, "eval": self.eval_json}[name]

@@ -18,6 +18,7 @@ import torch
 
 from models.errors import JobError
 from training.config import from_record, to_record
+from training.layout import RunLayout
 
 MAX_FAILURES = 3
 """Worker failures Ray Train recovers from (each restart resumes from the last checkpoint)."""
@@ -78,7 +79,7 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
         train_loop_config={**loop_config, "threads_per_worker": per_worker},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(
-            name="ray", storage_path=str(out / "ray_results"),
+            name="ray", storage_path=str(RunLayout(out).ray_results),
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -87,7 +88,7 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise JobError(f"{what} failed after {MAX_FAILURES} retries ({first}); logs under {out / 'ray_results'}") from e
+        raise JobError(f"{what} failed after {MAX_FAILURES} retries ({first}); logs under {RunLayout(out).ray_results}") from e
     finally:
         if started_here:
             ray.shutdown()
@@ -103,7 +104,7 @@ def tensorboard_reporter(out: Path, rank: int, get_trainer: Callable[[], Any]):
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(Path(out) / "tb"))
+        writer = SummaryWriter(str(RunLayout(out).tb))
 
     def reporter(step, metrics, checkpoint=None):
         if "checkpoint_step" in metrics:

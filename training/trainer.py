@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from training.layout import RunLayout
 from training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Trainer:
     def __init__(self, cfg: Any, rank: int = 0, world: int = 1, reporter: Reporter | None = None):
         self.cfg, self.rank, self.world, self.reporter = cfg, rank, world, reporter
         self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "checkpoints" / "latest"
+        self.ckpt_dir = RunLayout(self.out).latest_checkpoint
         self.last_metrics: dict = {}
         self.step_hooks: list[Callable[[int], None]] = []
         if cfg.fail_at_step >= 0:
