@@ -25,26 +25,38 @@ def kl_full(teacher_logp_NV: Tensor, student_logits_NV: Tensor) -> Tensor:
 class _TopkKL(torch.autograd.Function):
     """Binned KL with a hand-written backward: two passes over the [N, V] logits instead of ~eight.
 
-    With q = softmax(s), Q_r = 1 − Σ_top q and P_r the teacher's rest mass, the gradient is
+    With q = softmax(s), Q_r = Σ_{v ∉ top} q_v and P_r the teacher's rest mass, the gradient is
     ∂KL/∂s_v = q_v − p_v on the teacher's top-k tokens and q_v·(1 − P_r/Q_r) elsewhere.
+    Q_r is summed over the tail itself, never taken as 1 − Σ_top q: a confident student puts less
+    than fp32's resolution of 1 outside the top k, where the difference is rounding noise and P_r/Q_r
+    explodes. Rows whose tail underflows fp32 altogether get log Q_r from a masked logsumexp.
     """
 
     @staticmethod
     def forward(ctx, logits_NV, ids_NK, logp_NK, rest_logmass_N):
-        q = logits_NV.float().softmax(-1)
+        s = logits_NV.float()
+        log_z = s.logsumexp(-1)
+        log_q_top = s.gather(-1, ids_NK) - log_z[:, None]
+        q = (s - log_z[:, None]).exp_()
         q_top = q.gather(-1, ids_NK)
-        q_rest = (1 - q_top.sum(-1)).clamp_min(1e-30)
+        q_rest = q.scatter_(-1, ids_NK, 0.0).sum(-1)  # zero the top k in place, sum the tail, then put them back
+        q.scatter_(-1, ids_NK, q_top)
+        log_q_rest = q_rest.log()
+        tiny = q_rest < 1e-30
+        if tiny.any():
+            rows = s[tiny].scatter(-1, ids_NK[tiny], float("-inf"))
+            log_q_rest[tiny] = rows.logsumexp(-1) - log_z[tiny]
         p_top = logp_NK.exp()
-        top_term = (p_top * (logp_NK - q_top.clamp_min(1e-30).log())).sum(-1)
-        rest_term = torch.where(rest_logmass_N > -80, rest_logmass_N.exp() * (rest_logmass_N - q_rest.log()), 0.0)
-        ctx.save_for_backward(q, q_top, q_rest, p_top, ids_NK, rest_logmass_N)
+        top_term = (p_top * (logp_NK - log_q_top)).sum(-1)
+        rest_term = torch.where(rest_logmass_N > -80, rest_logmass_N.exp() * (rest_logmass_N - log_q_rest), 0.0)
+        ctx.save_for_backward(q, q_top, log_q_rest, p_top, ids_NK, rest_logmass_N)
         ctx.logits_dtype = logits_NV.dtype
         return top_term + rest_term
 
     @staticmethod
     def backward(ctx, grad_N):
-        q, q_top, q_rest, p_top, ids, rest_logmass = ctx.saved_tensors
-        rest_scale = 1 - rest_logmass.exp() / q_rest
+        q, q_top, log_q_rest, p_top, ids, rest_logmass = ctx.saved_tensors
+        rest_scale = torch.where(rest_logmass > -80, 1 - (rest_logmass - log_q_rest).exp(), 1.0)
         grad = q.mul_(rest_scale[:, None])  # q is not needed afterwards: reuse its memory
         grad.scatter_(-1, ids, q_top - p_top)
         return grad.mul_(grad_N[:, None]).to(ctx.logits_dtype), None, None, None

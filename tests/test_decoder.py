@@ -275,3 +275,46 @@ def test_fused_topk_kl_matches_autograd_reference_in_value_and_gradient():
         grads.append((value.detach(), logits.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
+
+
+def _confident_case(rest_mass: float, teacher_rest: float = 1e-3, V: int = 1000, k: int = 8):
+    """A teacher with `teacher_rest` outside its top k, and a student that puts `rest_mass` there."""
+    ids = torch.arange(k)[None].expand(2, k).clone()
+    logp = torch.full((2, k), (1 - teacher_rest) / k, dtype=torch.float64).log().float()
+    rest = torch.log(torch.tensor([teacher_rest, teacher_rest]))
+    logits = torch.zeros(2, V)
+    # top-k logits t, tail logits 0: rest_mass = (V - k) / ((V - k) + k·e^t)
+    t = math.log((V - k) * (1 - rest_mass) / (rest_mass * k))
+    logits[:, :k] = t
+    return ids, logp, rest, logits
+
+
+def test_binned_kl_is_exact_for_a_confident_student():
+    from distill.loss import kl_topk_reference
+
+    # rest mass 1e-8: below fp32's resolution of 1 − Σ q_top, where the old formula hit its 1e-30 clamp
+    ids, logp, rest, logits = _confident_case(1e-8)
+    values, grads = [], []
+    for fn in (kl_topk, kl_topk_reference):
+        x = logits.clone().requires_grad_()
+        value = fn(ids, logp, rest, x)
+        value.sum().backward()
+        values.append(value.detach())
+        grads.append(x.grad)
+    # KL = Σ p_top log(p_top / q_top) + P_r log(P_r / Q_r), closed form
+    q_top = (1 - 1e-8) / 8
+    expected = (1 - 1e-3) * math.log(((1 - 1e-3) / 8) / q_top) + 1e-3 * math.log(1e-3 / 1e-8)
+    torch.testing.assert_close(values[0], torch.full((2,), expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert grads[0].abs().max().item() < 1.0  # bounded: the old code gave ~1e17 here
+
+
+def test_binned_kl_gradient_vanishes_when_the_student_matches_the_teacher():
+    # a confident teacher (rest mass 1e-8) matched exactly: the old formula's gradient was ~3e10 here
+    ids, logp, rest, logits = _confident_case(1e-8, teacher_rest=1e-8)
+    x = logits.clone().requires_grad_()
+    value = kl_topk(ids, logp, rest, x)
+    value.sum().backward()
+    assert value.abs().max().item() < 1e-5
+    assert x.grad.abs().max().item() < 1e-6
