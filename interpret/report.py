@@ -132,12 +132,22 @@ def _tasks(cfg: EvalConfig, comp, decoders: dict) -> dict | None:
 
 
 def _decoder_rows(cfg: EvalConfig, corpora: dict[str, dict]) -> list[MetricRow]:
-    ind = corpora["in_domain"]["methods"][PRIMARY]
+    in_domain = corpora["in_domain"]
+    ind = in_domain["methods"][PRIMARY]
     ood = corpora.get("ood")
-    return [MetricRow.measure("kl", ind["kl"], f"{corpora['in_domain']['tokens']:,} held-out tokens of {cfg.data}"),
+    not_measured = "not measured: pass --ood SOURCE"
+    ratio = ood["methods"][PRIMARY]["next_token_acc"] / ood["frozen_next_token_acc"] if ood and ood["frozen_next_token_acc"] else None
+    return [MetricRow.measure("kl", ind["kl"], f"{in_domain['tokens']:,} held-out tokens of {cfg.data}"),
             MetricRow.measure("top1", ind["top1"]),
+            MetricRow.measure("next_token_degradation", ind["next_token_degradation_points"],
+                              f"frozen {in_domain['frozen_next_token_acc']:.1%} vs decoder {ind['next_token_acc']:.1%} "
+                              f"on the same {in_domain['tokens']:,} tokens"),
             MetricRow.measure("ood_kl", ood["methods"][PRIMARY]["kl"] if ood else None,
-                              f"{ood['tokens']:,} tokens of {cfg.ood}" if ood else "not measured: pass --ood SOURCE")]
+                              f"{ood['tokens']:,} tokens of {cfg.ood}" if ood else not_measured),
+            MetricRow.measure("ood_accuracy_ratio", ratio,
+                              f"decoder {ood['methods'][PRIMARY]['next_token_acc']:.1%} vs frozen "
+                              f"{ood['frozen_next_token_acc']:.1%} on {ood['tokens']:,} tokens of {cfg.ood}"
+                              if ratio is not None else not_measured)]
 
 
 def _sae_rows(comp, sae_metrics: dict) -> list[MetricRow]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from rich.console import Console
 
 from interpret.eval_records import Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.report import print_table, report_markdown
 from tests.test_interpret import make_run
 
-ROWS = {"kl", "top1", "l0", "task_degradation", "label_coverage", "ood_kl", "fvu", "mse", "top10_share"}
+ROWS = {"kl", "top1", "l0", "next_token_degradation", "ood_accuracy_ratio", "task_degradation", "label_coverage", "ood_kl",
+        "fvu", "mse", "top10_share"}
 
 
 def test_eval_table_on_a_tiny_run_has_every_row_and_baseline(tiny_frozen, tmp_path, capsys):
@@ -31,9 +33,15 @@ def test_eval_table_on_a_tiny_run_has_every_row_and_baseline(tiny_frozen, tmp_pa
     rows = {r["metric"]: r for r in result["rows"]}
     assert set(rows) == ROWS
     assert all({"metric", "target", "value", "passed"} <= set(r) for r in result["rows"])
-    for metric in ("kl", "top1", "l0", "task_degradation", "ood_kl", "fvu", "mse"):
+    for metric in ("kl", "top1", "l0", "next_token_degradation", "ood_accuracy_ratio", "task_degradation", "ood_kl", "fvu", "mse"):
         assert rows[metric]["value"] is not None and isinstance(rows[metric]["passed"], bool), metric
     assert rows["l0"]["value"] == 8.0 and rows["l0"]["passed"] is False  # TopK k=8 is below the 50–100 target
+    ind, ood = result["corpora"]["in_domain"], result["corpora"]["ood"]
+    primary = "supervised decoder"
+    assert rows["next_token_degradation"]["value"] == pytest.approx(
+        100 * (ind["frozen_next_token_acc"] - ind["methods"][primary]["next_token_acc"]))
+    assert rows["ood_accuracy_ratio"]["value"] == pytest.approx(
+        ood["methods"][primary]["next_token_acc"] / ood["frozen_next_token_acc"])
     assert rows["label_coverage"]["passed"] is None and "features label" in rows["label_coverage"]["note"]
     for method in ("logit_lens", "spliced_sae", "supervised decoder", "PPO decoder"):
         assert {"in_domain", "ood"} <= set(result["baselines"][method]), method
