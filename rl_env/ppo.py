@@ -141,7 +141,6 @@ def decoder_corpus(cfg: PpoConfig):
     from corpus.config import CorpusConfig
     from corpus.sources import absolute_spec
     from training.config import from_record, read_record
-    from training.layout import RunLayout
 
     saved = RunLayout.of_decoder(cfg.decoder).config
     record = read_record(saved) if saved.is_file() else {"data": cfg.data}
