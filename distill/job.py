@@ -96,7 +96,7 @@ def _launch(cfg: TrainLoopConfig, kind: str, layer: int, cache: ActivationCache,
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     record = to_record(cfg)
-    write_json_atomic(RunLayout(out).config, {"kind": kind, "layer": layer, "cache": str(cache.root), **record})
+    write_json_atomic(RunLayout(out).config, {"kind": kind, "layer": layer, **record, "cache_root": str(cache.root)})
     run_stage_job(cfg, "distill.job:build_trainer", {"layer": layer, "cache_root": str(cache.root.resolve()), **job},
                   f"distill {kind} L{layer}")
 

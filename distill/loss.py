@@ -42,22 +42,29 @@ class _TopkKL(torch.autograd.Function):
         q_rest = q.scatter_(-1, ids_NK, 0.0).sum(-1)  # zero the top k in place, sum the tail, then put them back
         q.scatter_(-1, ids_NK, q_top)
         log_q_rest = q_rest.log()
-        tiny = q_rest < 1e-30
-        if tiny.any():
+        tiny = (q_rest < 1e-30).nonzero().flatten()
+        # rows whose tail underflows: log Q_r and the tail's own distribution q_v / Q_r from the logits
+        tail_dist = s.new_zeros(0, s.shape[-1])
+        if tiny.numel():
             rows = s[tiny].scatter(-1, ids_NK[tiny], float("-inf"))
             log_q_rest[tiny] = rows.logsumexp(-1) - log_z[tiny]
+            tail_dist = rows.softmax(-1)
         p_top = logp_NK.exp()
         top_term = (p_top * (logp_NK - log_q_top)).sum(-1)
         rest_term = torch.where(rest_logmass_N > -80, rest_logmass_N.exp() * (rest_logmass_N - log_q_rest), 0.0)
-        ctx.save_for_backward(q, q_top, log_q_rest, p_top, ids_NK, rest_logmass_N)
+        ctx.save_for_backward(q, q_top, log_q_rest, p_top, ids_NK, rest_logmass_N, tiny, tail_dist)
         ctx.logits_dtype = logits_NV.dtype
         return top_term + rest_term
 
     @staticmethod
     def backward(ctx, grad_N):
-        q, q_top, log_q_rest, p_top, ids, rest_logmass = ctx.saved_tensors
-        rest_scale = torch.where(rest_logmass > -80, 1 - (rest_logmass - log_q_rest).exp(), 1.0)
+        q, q_top, log_q_rest, p_top, ids, rest_logmass, tiny, tail_dist = ctx.saved_tensors
+        p_rest = torch.where(rest_logmass > -80, rest_logmass.exp(), 0.0)
+        rest_scale = torch.where(p_rest > 0, 1 - (rest_logmass - log_q_rest).exp(), 1.0)
+        rest_scale[tiny] = 1.0  # their tail term q_v − P_r·q_v/Q_r is formed from tail_dist below
         grad = q.mul_(rest_scale[:, None])  # q is not needed afterwards: reuse its memory
+        if tiny.numel():
+            grad[tiny] -= p_rest[tiny, None] * tail_dist
         grad.scatter_(-1, ids, q_top - p_top)
         return grad.mul_(grad_N[:, None]).to(ctx.logits_dtype), None, None, None
 

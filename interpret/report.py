@@ -147,7 +147,8 @@ def _decoder_rows(cfg: EvalConfig, corpora: dict[str, dict]) -> list[MetricRow]:
             MetricRow.measure("ood_accuracy_ratio", ratio,
                               f"decoder {ood['methods'][PRIMARY]['next_token_acc']:.1%} vs frozen "
                               f"{ood['frozen_next_token_acc']:.1%} on {ood['tokens']:,} tokens of {cfg.ood}"
-                              if ratio is not None else not_measured)]
+                              if ratio is not None else not_measured if not ood else
+                              "not defined: the frozen model's out-of-domain accuracy is 0")]
 
 
 def _sae_rows(comp, sae_metrics: dict) -> list[MetricRow]:

@@ -112,11 +112,11 @@ def env_config_for(cfg: PpoConfig, cache_root: str) -> dict:
 class Evaluator:
     """Held-out KL / top-1 (exact, full vocabulary) and task accuracy of a decoder."""
 
-    def __init__(self, cfg: PpoConfig, frozen, sae):
+    def __init__(self, cfg: PpoConfig, frozen, sae, corpus):
         from distill.heldout import HeldOut
 
         self.cfg, self.frozen, self.sae = cfg, frozen, sae
-        self.held_out = HeldOut(decoder_corpus(cfg), frozen, cfg.layer, cfg.eval_tokens)
+        self.held_out = HeldOut(corpus, frozen, cfg.layer, cfg.eval_tokens)
 
     def __call__(self, decoder) -> dict:
         from distill.task_eval import task_answer_exact_match
@@ -136,26 +136,30 @@ class Evaluator:
 
 # -- the trial -------------------------------------------------------------------------------------------
 def decoder_corpus(cfg: PpoConfig):
-    """The corpus the decoder was distilled on (its run's config.json: data, sequence length, encoding,
-    text field, split), with --data overriding the data, and saying so."""
+    """The corpus the decoder was distilled on (its distillation run's config.json: data, sequence
+    length, split fraction and seed, encoding, text field), with --data overriding the data, and
+    saying so. A decoder exported by an earlier PPO run is followed back to the run it started from."""
     from corpus.config import CorpusConfig
     from corpus.sources import absolute_spec
     from training.config import from_record, read_record
 
-    saved = RunLayout.of_decoder(cfg.decoder).config
-    record = read_record(saved) if saved.is_file() else {"data": cfg.data}
+    saved, record = RunLayout.of_decoder(cfg.decoder).config, {}
+    for _ in range(4):  # PPO run → ... → distillation run
+        record = read_record(saved) if saved.is_file() else {}
+        if "seq_len" in record or "decoder" not in record:
+            break
+        saved = RunLayout.of_decoder(Path(record["decoder"])).config
     if cfg.data and record.get("data") and absolute_spec(cfg.data) != record["data"]:
         print(f"ppo: --data {cfg.data!r} overrides the decoder's training data {record['data']!r} ({saved})")
-    return from_record(CorpusConfig, record, data=cfg.data or record.get("data"))
+    return from_record(CorpusConfig, record, data=cfg.data or record.get("data") or "")
 
 
-def _token_cache(cfg: PpoConfig, frozen) -> str:
+def _token_cache(cfg: PpoConfig, frozen, corpus) -> str:
     if cfg.cache:
         return str(Path(cfg.cache).resolve())
     from corpus.cache import build_cache
     from corpus.config import CacheConfig
 
-    corpus = decoder_corpus(cfg)
     cache_cfg = CacheConfig.covering(corpus, cfg.cache_tokens, str(cfg.layer), Path(cfg.out).parent / "cache",
                                      teacher=True, model=cfg)
     return str(build_cache(cache_cfg, frozen).root.resolve())
@@ -189,9 +193,10 @@ class PpoTrial:
         self.out.mkdir(parents=True, exist_ok=True)
         frozen = load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
         sae = SparseAutoencoder.load(Path(cfg.sae))
-        cache_root = _token_cache(cfg, frozen) if cfg.env == "token" else ""
+        corpus = decoder_corpus(cfg)
+        cache_root = _token_cache(cfg, frozen, corpus) if cfg.env == "token" else ""
         write_json_atomic(self.out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
-        self.evaluate = Evaluator(cfg, frozen, sae)
+        self.evaluate = Evaluator(cfg, frozen, sae, corpus)
         register_envs()
         self.algo = algo_config(cfg, env_config_for(cfg, cache_root)).build_algo()
         self.writer = SummaryWriter(str(self.out / "tb"))

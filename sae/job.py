@@ -39,7 +39,7 @@ def build_trainer(cfg: SaeTrainConfig, job: dict, rank: int, world: int, reporte
 
 
 def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
-    # a sweep config adds fields the workers do not take
+    """Train on `cfg`'s SaeTrainConfig fields (a sweep config adds fields the workers do not take)."""
     run_stage_job(pick(cfg, SaeTrainConfig), "sae.job:build_trainer", {"cache_root": str(cache.root.resolve())},
                   f"sae {cfg.arch} L{cfg.layer}")
 

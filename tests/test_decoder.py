@@ -318,3 +318,21 @@ def test_binned_kl_gradient_vanishes_when_the_student_matches_the_teacher():
     value.sum().backward()
     assert value.abs().max().item() < 1e-5
     assert x.grad.abs().max().item() < 1e-6
+
+
+def test_binned_kl_gradient_is_finite_when_the_students_tail_underflows():
+    from distill.loss import kl_topk_reference
+
+    # the tail's probabilities underflow fp32 (logit gap 120), while the teacher keeps 1e-4 there
+    ids = torch.arange(4)[None]
+    logp = torch.full((1, 4), (1 - 1e-4) / 4).log()
+    rest = torch.log(torch.tensor([1e-4]))
+    logits = torch.zeros(1, 50)
+    logits[0, 0] = 120.0
+    grads = []
+    for fn in (kl_topk, kl_topk_reference):
+        x = logits.clone().requires_grad_()
+        fn(ids, logp, rest, x).sum().backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)

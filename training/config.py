@@ -25,9 +25,16 @@ SPEC_FIELDS = ("data", "ood")
 """Source-spec fields whose local paths are made absolute."""
 
 
-def _path_fields(cls: type) -> set[str]:
-    hints = typing.get_type_hints(cls)
-    return {f.name for f in fields(cls) if Path in (hints[f.name], *typing.get_args(hints[f.name]))}
+def _path_fields(cls: type) -> tuple[set[str], set[str]]:
+    """(fields typed Path or Path | None, fields typed tuple[Path, ...])."""
+    single, many = set(), set()
+    for name, hint in typing.get_type_hints(cls).items():  # Annotated[...] comes back unwrapped
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple and Path in args:
+            many.add(name)
+        elif hint is Path or Path in args:
+            single.add(name)
+    return single, many
 
 
 def _absolute_model(model: str) -> str:
@@ -39,7 +46,7 @@ def to_record(cfg: Any) -> dict:
     """The config's fields as JSON values; Paths and local data/model paths absolute."""
     from corpus.sources import absolute_spec
 
-    paths = _path_fields(type(cfg))
+    paths, path_tuples = _path_fields(type(cfg))
     record = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
@@ -49,20 +56,24 @@ def to_record(cfg: Any) -> dict:
             value = absolute_spec(value)
         elif f.name == "model" and isinstance(value, str):
             value = _absolute_model(value)
+        elif f.name in path_tuples:
+            value = [str(Path(v).expanduser().resolve()) for v in value]
         elif isinstance(value, tuple):
-            value = [str(v) if isinstance(v, Path) else v for v in value]
+            value = list(value)
         record[f.name] = value
     return record
 
 
 def from_record(cls: type[C], record: dict, **overrides: Any) -> C:
     """Rebuild `cls` from a record (unknown keys are ignored, so older and newer records load)."""
-    paths = _path_fields(cls)
+    paths, path_tuples = _path_fields(cls)
     known = {f.name for f in fields(cls)}
     values = {k: v for k, v in {**record, **overrides}.items() if k in known}
     for name in paths & values.keys():
         if values[name] is not None:
             values[name] = Path(values[name])
+    for name in path_tuples & values.keys():
+        values[name] = tuple(Path(v) for v in values[name])
     return cls(**values)
 
 
@@ -124,8 +135,6 @@ def read_record(path: Path) -> dict:
     if not isinstance(record, dict):
         raise ConfigError(f"{path}: expected a JSON object of option: value")
     return record
-
-
 
 
 @dataclass
