@@ -7,6 +7,7 @@ scale, firing history) lives in `TrainState` and is checkpointed with the weight
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -41,9 +42,14 @@ class TrainState:
     """Training tokens since each latent last fired."""
 
 
+@functools.lru_cache(maxsize=8)
+def _l1_phases(text: str):
+    return parse_phases(text, "--l1-schedule", L1_NAMES)
+
+
 def l1_at(step: int, total: int, cfg: SaeTrainConfig) -> float:
     """The phase schedule (fractions of the run), ramped up from 0 over the warm-up."""
-    phases = parse_phases(cfg.l1_schedule, "--l1-schedule", L1_NAMES)
+    phases = _l1_phases(cfg.l1_schedule)  # parsed once, not at every step
     value = phases[phase_index(phases, step, total)].values[0]
     warm = cfg.l1_warmup_frac * total
     return value * min(1.0, (step + 1) / warm) if warm > 0 else value
