@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                       "Distil a decoder (SAE features → next-token distribution) to the frozen model (Ray Train)."),
     "decoder eval": ("distill.evaluate", "distill.config:DecoderEvalConfig", "run_decoder_eval",
                      "Decoders and lens baselines: KL, top-1, CE in and out of domain, task accuracy."),
+    "decoder frontier": ("distill.frontier", "distill.frontier:FrontierConfig", "run_frontier",
+                         "Decoders of several depths, block choices and layers on the same tokens: KL against depth, "
+                         "tokens and layer (JSON + PNG)."),
     "lens train": ("distill.job", "distill.config:LensTrainConfig", "run_lens_train",
                    "Train the tuned-lens baseline (affine translator on the raw residual)."),
     "ppo": ("rl_env.ppo", "rl_env.ppo_config:PpoConfig", "run_ppo",

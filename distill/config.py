@@ -27,15 +27,20 @@ class TrainLoopConfig(TrainConfig, CorpusConfig, ModelConfig):
     out: Path = Path("runs/decoder")
     """Output folder: weights, config.json, metrics.json, curve.json, tb/, checkpoints/."""
 
+    teacher: Literal["cache", "online"] = "cache"
+    """cache: train on a teacher cache's top-k + rest-mass target (a lower bound of the KL; built once and
+    reusable by other runs); online: run the frozen model inside every step and train on the exact
+    full-vocabulary KL (only token ids are stored)."""
+
     cache: Path | None = None
-    """An existing activation cache with teacher targets at the layer, used instead of building one."""
+    """An existing activation cache with teacher targets at the layer, used instead of building one (--teacher cache)."""
 
     teacher_k: int = 64
     """Teacher log-probs kept per position in the cache (the rest as one 'other' mass)."""
 
     loss: Literal["kl", "ce_argmax"] = "kl"
-    """kl: KL(p_frozen ‖ p_student) on the cached top-k + rest-mass target; ce_argmax: cross-entropy to
-    the frozen model's argmax (the original design's objective)."""
+    """kl: KL(p_frozen ‖ p_student) (exact with --teacher online, the top-k + rest-mass bound with the cache);
+    ce_argmax: cross-entropy to the frozen model's argmax (the original design's objective)."""
 
     batch_sequences: int = 8
     """Sequences per optimizer step over all workers (× (seq_len - 1) scored tokens)."""
@@ -66,6 +71,8 @@ class TrainLoopConfig(TrainConfig, CorpusConfig, ModelConfig):
             raise ConfigError(f"--teacher-k: expected at least 1, got {self.teacher_k}")
         if self.eval_points < 1:
             raise ConfigError(f"--eval-points: expected at least 1, got {self.eval_points}")
+        if self.teacher == "online" and self.cache is not None:
+            raise ConfigError(f"--cache {self.cache}: a teacher cache is read with --teacher cache; --teacher online reads none")
 
 
 @dataclass
@@ -88,8 +95,20 @@ class DistillConfig(TrainLoopConfig):
     """context: transformer blocks."""
 
     init: Literal["upper-blocks", "zero"] = "upper-blocks"
-    """context: start the blocks as copies of evenly spaced frozen blocks above the layer (Llama-family models),
-    or from scratch with zeroed output projections (the decoder then starts as the readout)."""
+    """context: start the blocks as copies of frozen blocks above the layer (Llama-family models; which ones:
+    --blocks), or from scratch with zeroed output projections (the decoder then starts as the readout)."""
+
+    blocks: str = "even"
+    """context, --init upper-blocks: the frozen blocks copied. even: evenly spaced above the layer (first and last
+    included); greedy: remove blocks from the SAE-spliced model one at a time, each time the one whose removal
+    costs the least KL, until --n-layers remain (the path goes to OUT/blocks.json); or layer numbers, 10,17,23,30."""
+
+    select_tokens: int = 4096
+    """--blocks greedy: training-split tokens on which each removal's KL is measured."""
+
+    bos_stream: bool = False
+    """context: start position 0 (BOS, the model's attention sink, which the SAE does not model) from the frozen
+    model's own layer-L residual of BOS, a constant, instead of from its features."""
 
 
 @dataclass

@@ -16,15 +16,17 @@ from training.config import pick
 
 
 class HeldOut:
-    """`eval_tokens` positions of the eval split of `cfg`'s corpus, with the frozen model's log-probs."""
+    """`eval_tokens` positions of the eval split (or `split`) of `cfg`'s corpus, with the frozen model's log-probs."""
 
-    def __init__(self, cfg: CorpusConfig, frozen: FrozenLM, layer: int, eval_tokens: int, batch_size: int = 4):
-        eval_cfg = pick(cfg, CorpusConfig, split="eval", tokens=eval_tokens)
+    def __init__(self, cfg: CorpusConfig, frozen: FrozenLM, layer: int, eval_tokens: int, batch_size: int = 4,
+                 split: str = "eval"):
+        eval_cfg = pick(cfg, CorpusConfig, split=split, tokens=eval_tokens)
         seqs = list(sequences(eval_cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
-        self.batches = []
+        self.batches, self.ids = [], []
         for start in range(0, len(seqs), batch_size):
             ids = torch.from_numpy(np.stack([p.tokens for p in seqs[start : start + batch_size]]))
             logits, store = frozen.forward(ids, [layer])
+            self.ids.append(ids)
             # bf16 log-probs keep the sample small (~0.1 nat/token of rounding on tiny probabilities only)
             self.batches.append((store[layer].float(), logits[:, 1:].float().log_softmax(-1).to(torch.bfloat16)))
         self.tokens = sum(t.shape[0] * t.shape[1] for _, t in self.batches)

@@ -5,7 +5,8 @@ The cache keeps the teacher's top-k log-probs and the log of the remaining mass.
 tokens, and "any other token"). By the data-processing inequality it is a lower bound on the
 full KL; it equals it when the student matches the teacher's shape inside the rest. Its gradient
 pushes the student's rest mass to the teacher's but leaves the shape within it free. `kl_full` is
-the exact KL over the full vocabulary (used for evaluation).
+the exact KL over the full vocabulary (used for evaluation); `kl_exact` is the same value from the
+teacher's logits with a fused backward, the loss of `--teacher online`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,35 @@ def kl_full(teacher_logp_NV: Tensor, student_logits_NV: Tensor) -> Tensor:
     student_logp = student_logits_NV.float().log_softmax(-1)
     teacher_logp = teacher_logp_NV.float()
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+class _ExactKL(torch.autograd.Function):
+    """KL(softmax(t) ‖ softmax(s)) over the full vocabulary; ∂KL/∂s = q − p, formed in place.
+
+    Autograd through two log_softmaxes keeps about five [N, V] fp32 buffers; this keeps two (p and q).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV, teacher_logits_NV):
+        s = logits_NV.float()
+        log_q = s - s.logsumexp(-1, keepdim=True)
+        t = teacher_logits_NV.float()
+        log_p = t - t.logsumexp(-1, keepdim=True)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(-1)
+        ctx.save_for_backward(log_q.exp_(), p)  # log_q becomes q in place
+        ctx.logits_dtype = logits_NV.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        q, p = ctx.saved_tensors
+        return q.sub_(p).mul_(grad_N[:, None]).to(ctx.logits_dtype), None
+
+
+def kl_exact(teacher_logits_NV: Tensor, student_logits_NV: Tensor) -> Tensor:
+    """KL(p_teacher ‖ p_student) from both sides' logits (the teacher's are constants: no gradient)."""
+    return _ExactKL.apply(student_logits_NV, teacher_logits_NV.detach())
 
 
 class _TopkKL(torch.autograd.Function):

@@ -57,7 +57,7 @@ def decoder_config(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, rank: in
     )
 
 
-def upper_block_ids(layer: int, n_layers_model: int, n_blocks: int) -> list[int]:
+def even_block_ids(layer: int, n_layers_model: int, n_blocks: int) -> list[int]:
     """Evenly spaced layers in layer+1..n_layers_model (first and last included), one per decoder block."""
     above = list(range(layer + 1, n_layers_model + 1))
     if n_blocks > len(above):
@@ -67,14 +67,25 @@ def upper_block_ids(layer: int, n_layers_model: int, n_blocks: int) -> list[int]
     return [above[round(i * (len(above) - 1) / (n_blocks - 1))] for i in range(n_blocks)]
 
 
+def bos_residual(frozen: FrozenLM, layer: int) -> Tensor:
+    """The layer-`layer` residual of a lone BOS token: what every sequence's position 0 holds, [D]."""
+    return frozen.residuals(torch.tensor([[frozen.bos_token_id]]), [layer])[layer][0, 0].float()
+
+
 def build_student_decoder(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, layer: int, rank: int = 256,
-                          vocab_bias: bool = True, n_layers: int = 4, init: str = "upper-blocks") -> Decoder:
+                          vocab_bias: bool = True, n_layers: int = 4, init: str = "upper-blocks",
+                          block_ids: list[int] | None = None, bos_stream: bool = False) -> Decoder:
+    """A decoder for `arch`; a context one starts from copies of the frozen blocks `block_ids` (default: evenly
+    spaced above the layer) and, with `bos_stream`, from the model's own BOS residual at position 0."""
     head = FrozenHead.from_frozen(frozen)
     cfg = decoder_config(arch, sae, frozen, rank, vocab_bias, n_layers)
+    cfg.bos_stream = bos_stream and arch == "context"
     decoder = build_decoder(cfg, head)
     decoder.init_from_sae(sae.W_dec.detach(), sae.b_dec.detach())
+    if cfg.bos_stream:
+        decoder.init_bos(bos_residual(frozen, layer))
     if init == "upper-blocks" and len(decoder.blocks):
-        ids = upper_block_ids(layer, frozen.n_layers, len(decoder.blocks))
+        ids = block_ids or even_block_ids(layer, frozen.n_layers, len(decoder.blocks))
         decoder.init_from_blocks([frozen.blocks[i - 1] for i in ids])
         decoder.source_blocks = ids
         log.info("%s decoder blocks start as copies of the frozen model's layers %s", arch, ids)

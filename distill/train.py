@@ -1,8 +1,10 @@
 """The distillation loop, one worker's view (Ray Train builds it through `distill.job.build_trainer`).
 
 The loop's outline (resume, step, log, checkpoint) is `training.trainer.Trainer`; this module adds the
-distillation step and the held-out curve. State that must survive a restart (step, the curve) lives
-in `DistillState` and is checkpointed with the weights and AdamW moments.
+distillation step and the held-out curve. The targets come from a teacher cache (`--teacher cache`: the
+top-k + rest-mass bound) or from the frozen model inside the step (`--teacher online`: exact KL). State
+that must survive a restart (step, the curve) lives in `DistillState` and is checkpointed with the
+weights and AdamW moments.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from torch import nn
 
 from corpus.cache import ActivationCache
 from distill.config import DEFAULT_LR, TrainLoopConfig
-from distill.data import SequenceBatches
+from distill.data import SequenceBatches, TokenBatches
 from distill.heldout import HeldOut
-from distill.loss import ce_argmax, kl_topk
+from distill.loss import ce_argmax, kl_exact, kl_topk
 from distill.student import student_logits
+from distill.teacher import OnlineTeacher
 from sae.model import SparseAutoencoder
 from training.trainer import Trainer
 
@@ -39,14 +42,20 @@ class DistillTrainer(Trainer):
     log_every = 5
 
     def __init__(self, cfg: TrainLoopConfig, student: nn.Module, sae: SparseAutoencoder | None,
-                 cache: ActivationCache, layer: int, rank: int = 0, world: int = 1, reporter=None,
+                 source: ActivationCache | OnlineTeacher, layer: int, rank: int = 0, world: int = 1, reporter=None,
                  held_out: HeldOut | None = None):
         super().__init__(cfg, rank, world, reporter)
         self.student = self.model = student
         self.sae, self.held_out = sae, held_out
         self.forward_module = student  # replaced by its DDP wrapper when world > 1
-        self.data = SequenceBatches(cache, layer, cfg.batch_sequences // world, cfg.seed, rank, world)
-        self.tokens_per_step = cfg.batch_sequences * (cache.seq_len - 1)
+        per_worker = cfg.batch_sequences // world
+        if isinstance(source, OnlineTeacher):
+            self.teacher: OnlineTeacher | None = source
+            self.data = TokenBatches(source.tokens, source.next_ids, per_worker, cfg.seed, rank, world)
+        else:
+            self.teacher = None
+            self.data = SequenceBatches(source, layer, per_worker, cfg.seed, rank, world)
+        self.tokens_per_step = cfg.batch_sequences * (source.seq_len - 1)
         self.total_steps = max(1, -(-cfg.tokens // self.tokens_per_step))
         self.base_lr = cfg.lr or DEFAULT_LR[getattr(cfg, "arch", "lens")]
         params = [p for p in student.parameters() if p.requires_grad]
@@ -58,13 +67,20 @@ class DistillTrainer(Trainer):
         return self.data.iterate(start_batch=start_batch)
 
     def _train_step(self, batch: dict) -> tuple[float, float]:
+        if self.teacher is not None:
+            batch = self.teacher.fill(batch)
         logits = student_logits(self.forward_module, self.sae, batch["resid"])
-        ids = batch["teacher.topk_ids"][:, 1:].flatten(0, 1)
-        if self.cfg.loss == "kl":
-            per_token = kl_topk(ids, batch["teacher.topk_logp"][:, 1:].flatten(0, 1),
-                                batch["teacher.rest_logmass"][:, 1:].flatten(0, 1), logits)
+        if "teacher.logits" in batch:  # online: the exact distribution
+            teacher_logits = batch["teacher.logits"][:, 1:].flatten(0, 1)
+            ids = teacher_logits.argmax(-1, keepdim=True)
+            per_token = kl_exact(teacher_logits, logits) if self.cfg.loss == "kl" else ce_argmax(ids, logits)
         else:
-            per_token = ce_argmax(ids, logits)
+            ids = batch["teacher.topk_ids"][:, 1:].flatten(0, 1)
+            if self.cfg.loss == "kl":
+                per_token = kl_topk(ids, batch["teacher.topk_logp"][:, 1:].flatten(0, 1),
+                                    batch["teacher.rest_logmass"][:, 1:].flatten(0, 1), logits)
+            else:
+                per_token = ce_argmax(ids, logits)
         loss = per_token.mean()
         self._clip_and_step(loss)
         top1 = (logits.detach().argmax(-1) == ids[:, 0]).float().mean().item()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from models.errors import ConfigError
 from models.head import FrozenHead
 from models.io import atomic_path
+from models.loading import fast_bf16
 
 Arch = Literal["linear", "readout", "context"]
 WEIGHTS, CONFIG = "decoder.safetensors", "decoder.json"
@@ -63,6 +64,9 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     max_context: int = 4096
     """context: longest sequence the position tables cover."""
+    bos_stream: bool = False
+    """context: position 0 (BOS) starts from a stored stream (the frozen model's layer-L residual of BOS)
+    instead of its features."""
 
     def __post_init__(self):
         if self.arch not in ("linear", "readout", "context"):
@@ -235,7 +239,7 @@ class LinearDecoder(Decoder):
     def readout(self, z: Tensor) -> Tensor:
         if self.B_RV is None:
             return self._add_bias(z)
-        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=fast_bf16(z.device.type)):
             logits = z @ self.B_RV
         return self._add_bias(logits.float())
 

@@ -6,6 +6,10 @@ decoder, so the stream starts as the SAE reconstruction of the residual. Pre-nor
 grouped-query attention with rotary positions, SwiGLU MLP) then write into that stream, and the
 frozen final norm + unembedding read it out.
 
+Position 0 is BOS in every sequence faithlens builds. Its residual is the model's attention sink, which
+the SAE does not model; with `bos_stream` the decoder starts position 0 from that residual itself (a
+constant of the model, `bos_D`, trainable) instead of from its features, as the SAE-spliced model does.
+
 Blocks can start from copies of the frozen model's upper blocks (Llama-family weights: same
 names, same rotary convention; `Decoder.init_from_blocks`), or with their output projections at
 zero, so that the decoder starts as the readout decoder on the SAE reconstruction.
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from models.decoder import Decoder, DecoderConfig
 from models.head import FrozenHead
+from models.loading import fast_bf16
 
 
 class RMSNorm(nn.Module):
@@ -95,6 +100,7 @@ class ContextDecoder(Decoder):
         super().__init__(cfg, head)
         self.embed_FD = nn.Parameter(torch.zeros(cfg.num_latents, cfg.d_model))
         self.b_D = nn.Parameter(torch.zeros(cfg.d_model))
+        self.bos_D = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.bos_stream else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         cos, sin = rotary_tables(cfg.d_model // cfg.n_heads, cfg.max_context, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
@@ -119,25 +125,42 @@ class ContextDecoder(Decoder):
         self.embed_FD.copy_(W_dec_FD)
         self.b_D.copy_(b_dec_D)
 
-    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        """The stream after the blocks, [B, T, D]."""
+    @torch.no_grad()
+    def init_bos(self, bos_resid_D: Tensor) -> None:
+        """Start position 0 from the frozen model's layer-L residual of BOS (needs `bos_stream`)."""
+        if self.bos_D is None:
+            raise ValueError("context decoder: built without bos_stream, it has no BOS stream to set")
+        self.bos_D.copy_(bos_resid_D.float())
+
+    def stream(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        """The stream before the blocks, [B, T, D]: the weighted feature embeddings (+ the BOS stream)."""
         if indices_BTK.dim() != 3:
             raise ValueError(f"context decoder: expected [batch, positions, slots] features, got shape {tuple(indices_BTK.shape)}")
         B, T, K = indices_BTK.shape
         x = F.embedding_bag(indices_BTK.reshape(-1, K), self.embed_FD, per_sample_weights=values_BTK.reshape(-1, K).float(),
                             mode="sum").view(B, T, -1) + self.b_D
-        return self._blocks(x)
+        return self._with_bos(x)
+
+    def _with_bos(self, x_BTD: Tensor) -> Tensor:
+        if self.bos_D is None:
+            return x_BTD
+        return torch.cat([self.bos_D.expand(x_BTD.shape[0], 1, -1), x_BTD[:, 1:]], 1)
+
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
+        """The stream after the blocks, [B, T, D]."""
+        return self.run_blocks(self.stream(indices_BTK, values_BTK))
 
     def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
-        return self._blocks(feats_BTF.float() @ self.embed_FD + self.b_D)
+        return self.run_blocks(self._with_bos(feats_BTF.float() @ self.embed_FD + self.b_D))
 
-    def _blocks(self, x_BTD: Tensor) -> Tensor:
+    def run_blocks(self, x_BTD: Tensor, blocks: list[nn.Module] | None = None) -> Tensor:
+        """`blocks` (default: all of them, in order) applied to a stream."""
         T = x_BTD.shape[1]
         if T > self.cfg.max_context:
             raise ValueError(f"context decoder: sequence of {T} positions exceeds max_context {self.cfg.max_context}")
         cos, sin = self.cos[:T], self.sin[:T]
-        with torch.autocast(x_BTD.device.type, dtype=torch.bfloat16):
-            for block in self.blocks:
+        with torch.autocast(x_BTD.device.type, dtype=torch.bfloat16, enabled=fast_bf16(x_BTD.device.type)):
+            for block in self.blocks if blocks is None else blocks:
                 x_BTD = block(x_BTD, cos, sin)
         return x_BTD.float()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -57,6 +58,16 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls beat fp32 on this device (the CUDA bf16 units, or a CPU with native bf16 dot
+    products). Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and slower than fp32 (45× on an
+    AVX2-only EPYC), so autocast regions stay in fp32 there."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and cpu_has_fast_bf16()
+
+
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 is ~3x fp32."""
     try:

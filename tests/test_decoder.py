@@ -336,3 +336,185 @@ def test_binned_kl_gradient_is_finite_when_the_students_tail_underflows():
         grads.append(x.grad)
     assert torch.isfinite(grads[0]).all()
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_exact_kl_matches_a_hand_computed_case_and_its_gradient_is_q_minus_p():
+    from distill.loss import kl_exact
+
+    teacher_logits = torch.tensor([[0.5, 0.25, 0.25]]).log() - 3.0  # any shift
+    student_logits = (torch.tensor([[0.25, 0.5, 0.25]]).log() + 7.0).requires_grad_()
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)  # Σ p log(p/q)
+    kl = kl_exact(teacher_logits, student_logits)
+    assert kl.item() == pytest.approx(expected, abs=1e-6)
+    kl.sum().backward()
+    torch.testing.assert_close(student_logits.grad, torch.tensor([[0.25 - 0.5, 0.5 - 0.25, 0.0]]))
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(32, 300, generator=g) * 4, (torch.randn(32, 300, generator=g) * 4).requires_grad_()
+    weights = torch.rand(32, generator=g)
+    (kl_exact(t, s) * weights).sum().backward()
+    s_ref = s.detach().clone().requires_grad_()
+    reference = kl_full(t.log_softmax(-1), s_ref)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(kl_exact(t, s.detach()), reference.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s.grad, s_ref.grad, atol=1e-6, rtol=1e-5)
+    exact_match = s.detach().clone().requires_grad_()
+    kl_exact(exact_match.detach() + 2.5, exact_match).sum().backward()
+    assert exact_match.grad.abs().max().item() < 1e-6
+
+
+def _online_trainer(model_dir, tmp_path, out, **overrides):
+    from distill.config import DistillConfig
+    from distill.student import build_student_decoder
+    from distill.teacher import OnlineTeacher, load_training_tokens, training_tokens
+    from distill.train import DistillTrainer
+    from models import ModelConfig, load_frozen
+    from sae.model import SparseAutoencoder
+
+    frozen = load_frozen(ModelConfig(model=str(model_dir), dtype="fp32"))
+    sae = SparseAutoencoder.load(_tiny_sae(frozen, tmp_path))
+    cfg = DistillConfig(sae=tmp_path / "sae", arch="context", model=str(model_dir), dtype="fp32", data="builtin:tasks",
+                        tokens=31 * 4 * 12, seq_len=32, batch_sequences=4, out=out, teacher="online", n_layers=2,
+                        blocks="3,4", bos_stream=True, checkpoint_every=4, eval_tokens=0, lr=3e-3, **overrides)
+    torch.manual_seed(0)
+    student = build_student_decoder("context", sae, frozen, 2, n_layers=2, block_ids=[3, 4], bos_stream=True)
+    table = training_tokens(cfg, frozen, cfg.tokens, tmp_path / "tokens")
+    return DistillTrainer(cfg, student, sae, OnlineTeacher(frozen, 2, *load_training_tokens(table)), 2)
+
+
+def test_online_teacher_trains_on_the_exact_kl_and_resumes_to_the_same_weights(sharp_model_dir, tmp_path):
+    straight = _online_trainer(sharp_model_dir, tmp_path, tmp_path / "a")
+    straight.start()
+    losses = []
+    straight.step_hooks.append(lambda step: losses.append(straight.last_metrics.get("distill/kl")))
+    straight.run()
+    assert straight.state.step == 12
+    first = _online_trainer(sharp_model_dir, tmp_path, tmp_path / "b", fail_at_step=6)
+    first.start()
+    with pytest.raises(RuntimeError, match="injected failure at step 6"):
+        first.run()
+    resumed = _online_trainer(sharp_model_dir, tmp_path, tmp_path / "b")
+    resumed.start()  # from checkpoints/latest, step 4
+    assert resumed.state.step == 4
+    resumed.run()
+    for (name, a), (_, b) in zip(straight.student.state_dict().items(), resumed.student.state_dict().items()):
+        assert torch.equal(a, b), name
+    logged = [x for x in losses if x is not None]
+    assert logged[-1] < logged[0]  # the exact KL it trains on falls
+
+
+def test_online_training_table_is_reused_only_for_the_same_corpus(sharp_model_dir, tmp_path):
+    from corpus.config import CorpusConfig
+    from distill.teacher import load_training_tokens, training_tokens
+    from models import ModelConfig, load_frozen
+
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    cfg = CorpusConfig(data="builtin:tasks", seq_len=32)
+    path = training_tokens(cfg, frozen, 31 * 5, tmp_path)
+    tokens, next_ids = load_training_tokens(path)
+    assert tokens.shape == (5, 32) and (tokens[:, 0] == frozen.bos_token_id).all()
+    assert torch.equal(tokens[:, 2:], next_ids[:, 1:-1])  # next_ids is the stream shifted by one
+    stamp = path.stat().st_mtime_ns
+    assert training_tokens(cfg, frozen, 31 * 5, tmp_path).stat().st_mtime_ns == stamp
+    training_tokens(CorpusConfig(data="builtin:tasks", seq_len=32, seed=1), frozen, 31 * 5, tmp_path)
+    assert not torch.equal(load_training_tokens(path)[0], tokens)
+
+
+def test_the_whole_spliced_stack_is_the_sae_spliced_model_and_greedy_keeps_n_blocks(tiny_model_dir, tmp_path):
+    from corpus.config import CorpusConfig
+    from distill.blocks import SplicedStack, greedy_block_ids, parse_block_ids
+    from distill.heldout import HeldOut
+    from distill.loss import kl_full
+    from distill.student import build_student_decoder
+    from models import ModelConfig, load_frozen
+    from models.errors import ConfigError
+    from sae.model import SparseAutoencoder
+
+    frozen = load_frozen(ModelConfig(model=str(tiny_model_dir), dtype="fp32"))
+    sae = SparseAutoencoder.load(_tiny_sae(frozen, tmp_path, layer=1))
+    sample = HeldOut(CorpusConfig(data="builtin:tasks", seq_len=32), frozen, 1, 124, split="train")
+    whole = build_student_decoder("context", sae, frozen, 1, n_layers=3, block_ids=[2, 3, 4], bos_stream=True)
+    stack = SplicedStack(whole, sae, sample, 2)
+    spliced = 0.0
+    for ids, (resid, teacher) in zip(sample.ids, sample.batches):
+        enc = sae.encode(resid.flatten(0, 1))
+        x_hat = sae.decode(enc.acts_NK, enc.indices_NK).view(resid.shape)
+        patch = lambda r, x=x_hat: torch.cat([r[:, :1], x[:, 1:].to(r.dtype)], 1)  # noqa: E731  the spliced model, BOS exact
+        logits, _ = frozen.forward(ids, write={1: patch})
+        spliced += kl_full(teacher.flatten(0, 1).float(), logits[:, 1:].flatten(0, 1)).sum().item()
+    assert stack.kl([2, 3, 4]) == pytest.approx(spliced / sample.tokens, rel=2e-2, abs=2e-3)
+    kept, path = greedy_block_ids(stack, [2, 3, 4], 1)
+    assert len(kept) == 1 and [len(p["blocks"]) for p in path] == [3, 2, 1]
+    assert path[-1]["kl"] == pytest.approx(stack.kl(kept))
+    assert parse_block_ids("2,4", 1, 4, 2) == [2, 4]
+    for bad in ("1,4", "4,2", "2", "2,x", "2,5"):
+        with pytest.raises(ConfigError, match="--blocks"):
+            parse_block_ids(bad, 1, 4, 2)
+
+
+def test_decoder_train_online_with_greedy_blocks_through_the_cli(sharp_model_dir, tmp_path):
+    from faithlens_cli import main
+    from models import ModelConfig, load_frozen
+
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    sae_dir = _tiny_sae(frozen, tmp_path, layer=1)
+    code = main(["decoder", "train", "--sae", str(sae_dir), "--arch", "context", "--n-layers", "2", "--blocks", "greedy",
+                 "--bos-stream", "--teacher", "online", "--tokens", "1000", "--model", str(sharp_model_dir), "--dtype", "fp32",
+                 "--data", "builtin:tasks", "--seq-len", "32", "--eval-tokens", "256", "--eval-points", "2",
+                 "--select-tokens", "256", "--out", str(tmp_path / "dec")])
+    assert code == 0
+    blocks = json.loads((tmp_path / "dec" / "blocks.json").read_text())
+    meta = json.loads((tmp_path / "dec" / "decoder" / "decoder.json").read_text())
+    assert meta["source_blocks"] == blocks["kept"] and len(blocks["kept"]) == 2
+    assert meta["teacher"] == "online" and meta["bos_stream"] is True
+    assert [len(p["blocks"]) for p in blocks["path"]] == [3, 2]
+    assert not (tmp_path / "cache").exists() and (tmp_path / "dec" / "train_tokens.safetensors").is_file()
+    metrics = json.loads((tmp_path / "dec" / "metrics.json").read_text())
+    assert metrics["curve"][-1]["kl"] < metrics["curve"][0]["kl"]
+
+
+def test_decoder_train_refuses_a_cache_with_the_online_teacher(tmp_path, capsys):
+    from faithlens_cli import main
+
+    assert main(["decoder", "train", "--teacher", "online", "--cache", str(tmp_path), "--data", "builtin:tasks"]) == 2
+    assert "--teacher online reads none" in capsys.readouterr().err
+
+
+def test_frontier_trains_each_cell_once_and_writes_json_and_png(sharp_model_dir, tmp_path, capsys):
+    from faithlens_cli import main
+    from models import ModelConfig, load_frozen
+
+    frozen = load_frozen(ModelConfig(model=str(sharp_model_dir), dtype="fp32"))
+    main_sae, other = _tiny_sae(frozen, tmp_path / "a", layer=2), _tiny_sae(frozen, tmp_path / "b", layer=1)
+    argv = ["decoder", "frontier", "--sae", str(main_sae), "--layer-saes", str(other), "--depths", "1", "--inits", "even,greedy",
+            "--baselines", "readout", "--layer-depth", "1", "--no-lens", "--tokens", "600", "--model", str(sharp_model_dir),
+            "--dtype", "fp32", "--data", "builtin:tasks", "--seq-len", "32", "--eval-tokens", "124", "--eval-points", "2",
+            "--select-tokens", "124", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "frontier")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "frontier" / "frontier.json").read_text())
+    names = [c["name"] for c in report["cells"]]
+    assert names == ["L2-readout", "L2-context1-even", "L2-context1-greedy", "L1-context1-greedy"]
+    assert report["main_layer"] == 2 and (tmp_path / "frontier" / "frontier.png").stat().st_size > 10_000
+    for cell in report["cells"]:
+        assert cell["curve"][0]["tokens"] == 0 and cell["kl"] == cell["curve"][-1]["kl"]
+        assert cell["trainable_parameters"] > 0 and 0 < cell["flops_share_of_upper_model"]
+    even, greedy = report["cells"][1], report["cells"][2]
+    assert even["blocks"] == [4] and len(greedy["greedy_path"]) == 2  # 2 blocks above layer 2 → 1
+    verdict = report["verdict"]  # the tiny decoders cannot meet the design's targets: each one's gap is listed
+    assert not verdict["met"] and {g["name"] for g in verdict["decoders"]} == set(names[:3])
+    capsys.readouterr()
+    assert main(argv) == 0  # everything reused: nothing trains again
+    out = capsys.readouterr().out
+    assert "4 runs (4 already done)" in out and "frontier [1/" not in out
+
+
+def test_frontier_extrapolates_a_falling_curve_and_costs_blocks_against_the_model_above():
+    from distill.frontier import cell_cost, extrapolate
+
+    curve = [{"tokens": t, "kl": 2.0 - 0.1 * math.log2(t / 1000)} for t in (1000, 2000, 4000, 8000)]
+    assert extrapolate(curve, 1.5) == pytest.approx(32_000, rel=1e-6)  # 0.1 nats per doubling
+    assert extrapolate([{"tokens": 1, "kl": 1.0}, {"tokens": 2, "kl": 1.1}], 0.5) is None
+    model = {"hidden_size": 8, "vocab_size": 100, "num_attention_heads": 2, "num_key_value_heads": 2,
+             "intermediate_size": 16, "num_hidden_layers": 6}
+    every = cell_cost({"arch": "context", "n_layers": 4}, model, 2, 0, 2)
+    assert every["flops_share_of_upper_model"] == pytest.approx(1.0)  # all 4 upper blocks + the same head
+    assert cell_cost({"arch": "context", "n_layers": 2}, model, 2, 0, 2)["flops_share_of_upper_model"] < 1.0
