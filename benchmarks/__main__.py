@@ -47,6 +47,12 @@ class BenchConfig:
     distill_steps: int = 4
     """Timed optimizer steps per student in the distillation benchmark."""
 
+    distill_depths: str = "4"
+    """Context-decoder depths in the distillation benchmark (comma-separated)."""
+
+    distill_teachers: str = "cache,online"
+    """Teachers in the distillation benchmark: cache (cached top-k targets) and/or online (exact KL)."""
+
     sae: str = ""
     """An SAE folder for the distillation benchmark (default: a random TopK SAE of --latents/--k)."""
 
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.distill import bench_distill
 
         results["distill"] = bench_distill(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.distill_steps,
-                                           cfg.batch, cfg.sae)
+                                           cfg.batch, cfg.sae, tuple(int(d) for d in cfg.distill_depths.split(",")),
+                                           tuple(t.strip() for t in cfg.distill_teachers.split(",")))
     if "rl" in stages:
         from benchmarks.rl import bench_rl
 

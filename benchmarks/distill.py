@@ -1,8 +1,11 @@
-"""Distillation throughput and peak memory per student (linear, readout, context decoders; tuned lens).
+"""Distillation throughput and peak memory per student (linear, readout, context decoders of each depth;
+tuned lens) and per teacher: `cache` (targets read from a teacher cache) and `online` (the frozen model
+runs in the step; exact full-vocabulary KL).
 
-Each student trains in its own spawned process, so its peak RSS is its own (frozen model, SAE,
-student, optimizer, one batch of full-vocabulary logits). Batches come from a small teacher
-cache of builtin:tasks; the SAE is a random TopK one of the given width unless --sae is given.
+Each (student, teacher) trains in its own spawned process, so its peak RSS is its own (frozen model, SAE,
+student, optimizer, one batch of full-vocabulary logits). Both teachers see the same token sequences: those
+of a small teacher cache of builtin:tasks, whose build rate is reported too (a cached run pays it once per
+cache, an online run in every step). The SAE is a random TopK one of the given width unless --sae is given.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ from pathlib import Path
 from benchmarks._spawn import in_child
 
 STUDENTS = ("linear", "readout", "context", "lens")
+TEACHERS = ("cache", "online")
 
 
-def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, steps: int, batch_sequences: int,
+def _child(kind: str, depth: int, teacher: str, model: str, dtype: str, layer: int, steps: int, batch_sequences: int,
            cache_root: str, sae_dir: str, out: str) -> dict:
     import torch
 
     from corpus.cache import ActivationCache
     from distill.config import DistillConfig, LensTrainConfig
     from distill.student import build_lens, build_student_decoder
+    from distill.teacher import OnlineTeacher
     from distill.train import DistillTrainer
     from models.loading import load_frozen
     from sae.model import SparseAutoencoder
@@ -36,9 +41,13 @@ def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, 
     else:
         cfg, sae = DistillConfig(arch=kind, **common), SparseAutoencoder.load(Path(sae_dir))
     frozen = load_frozen(cfg)
-    n_layers = min(4, frozen.n_layers - layer)
-    student = build_lens(frozen) if kind == "lens" else build_student_decoder(kind, sae, frozen, layer, n_layers=n_layers)
-    trainer = DistillTrainer(cfg, student, sae, ActivationCache.open(Path(cache_root)), layer)
+    student = build_lens(frozen) if kind == "lens" else build_student_decoder(kind, sae, frozen, layer, n_layers=depth)
+    cache = ActivationCache.open(Path(cache_root))
+    source = cache
+    if teacher == "online":
+        shards = [cache.shard(i) for i in range(cache.n_shards)]
+        source = OnlineTeacher(frozen, layer, torch.cat([s["tokens"] for s in shards]), torch.cat([s["next_ids"] for s in shards]))
+    trainer = DistillTrainer(cfg, student, sae, source, layer)
     batches = trainer.data.iterate()
     trainer._train_step(next(batches))  # warm-up (allocations, kernels)
     t0 = time.perf_counter()
@@ -51,7 +60,9 @@ def _child(kind: str, model: str, dtype: str, layer: int, latents: int, k: int, 
 
 
 def bench_distill(model: str, layer: int, latents: int, k: int, dtype: str, steps: int = 4, batch_sequences: int = 8,
-                  sae: str = "") -> dict:
+                  sae: str = "", depths: tuple[int, ...] = (4,), teachers: tuple[str, ...] = TEACHERS) -> dict:
+    """{student}_{teacher}_{tok_s, peak_rss_mb, trainable_params} for every student (context{depth} for each
+    depth), and cache_build_tok_s."""
     from corpus.cache import build_cache
     from corpus.config import CacheConfig
     from models.loading import load_frozen
@@ -63,18 +74,24 @@ def bench_distill(model: str, layer: int, latents: int, k: int, dtype: str, step
         cache_cfg = CacheConfig(model=model, dtype=dtype, data="builtin:tasks", tokens=(steps + 1) * batch_sequences * 256,
                                 layers=str(layer), out=Path(tmp) / "cache", teacher=True)
         frozen = load_frozen(cache_cfg)
+        started = time.perf_counter()
         cache = build_cache(cache_cfg, frozen, progress=False)
+        results["cache_build_tok_s"] = cache.tokens / (time.perf_counter() - started)
         sae_dir = sae
         if not sae_dir:
             random_sae = SparseAutoencoder(SaeConfig(d_in=frozen.d_model, num_latents=latents, arch="topk", k=k))
             random_sae.init_weights()
             sae_dir = str(Path(tmp) / "sae")
             random_sae.save(Path(sae_dir), extra={"layer": layer})
+        depths = tuple(d for d in depths if d <= frozen.n_layers - layer) or (frozen.n_layers - layer,)
         del frozen
-        for kind in STUDENTS:
-            figures = in_child(_child, kind, model, dtype, layer, latents, k, steps, batch_sequences, str(cache.root),
-                               sae_dir, tmp)
-            for key, value in figures.items():
-                results[f"{kind}_{key}"] = value
+        students = [(kind, d) for kind in STUDENTS for d in (depths if kind == "context" else (0,))]
+        for kind, depth in students:
+            name = f"context{depth}" if kind == "context" else kind
+            for teacher in teachers:
+                figures = in_child(_child, kind, depth, teacher, model, dtype, layer, steps, batch_sequences,
+                                   str(cache.root), sae_dir, tmp)
+                for key, value in figures.items():
+                    results[f"{name}_{teacher}_{key}"] = value
     results["tokens_per_step"] = batch_sequences * 255
     return results

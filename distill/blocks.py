@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -48,31 +47,40 @@ class SplicedStack:
             self.streams = [(decoder.stream(*sae_features(sae, resid)), teacher) for resid, teacher in sample.batches]
         self.tokens = sample.tokens
 
-    @torch.no_grad()
-    def kl(self, layers: list[int]) -> float:
-        """Mean KL(p_frozen ‖ p) over the sample with only the copies of `layers` kept, in order."""
-        blocks = [self.decoder.blocks[i - self.first_layer] for i in layers]
+    def _blocks(self, layers: list[int]) -> list:
+        return [self.decoder.blocks[i - self.first_layer] for i in layers]
+
+    def _kl_of(self, states: list, layers: list[int]) -> float:
         total = 0.0
-        for x, teacher in self.streams:
-            logits = self.decoder.readout(self.decoder.run_blocks(x, blocks)[:, 1:])
+        for x, (_, teacher) in zip(states, self.streams):
+            logits = self.decoder.readout(self.decoder.run_blocks(x, self._blocks(layers))[:, 1:])
             total += kl_full(teacher.flatten(0, 1).float(), logits.flatten(0, 1)).sum().item()
         return total / self.tokens
 
+    @torch.no_grad()
+    def kl(self, layers: list[int]) -> float:
+        """Mean KL(p_frozen ‖ p) over the sample with only the copies of `layers` kept, in order."""
+        return self._kl_of([x for x, _ in self.streams], layers)
 
-def greedy_block_ids(stack: SplicedStack, all_layers: list[int], n_blocks: int,
-                     progress: Callable | None = None) -> tuple[list[int], list[dict]]:
+    @torch.no_grad()
+    def removal_costs(self, kept: list[int]) -> list[tuple[float, int]]:
+        """(KL without it, layer) for every layer of `kept`. The stream before each candidate is the same as
+        with all of `kept`, so it is computed once and each trial runs only the blocks after it."""
+        prefixes = [[x for x, _ in self.streams]]
+        for block in self._blocks(kept[:-1]):
+            prefixes.append([self.decoder.run_blocks(x, [block]) for x in prefixes[-1]])
+        return [(self._kl_of(prefixes[i], kept[i + 1 :]), layer) for i, layer in enumerate(kept)]
+
+
+def greedy_block_ids(stack: SplicedStack, all_layers: list[int], n_blocks: int) -> tuple[list[int], list[dict]]:
     """Drop blocks greedily down to `n_blocks`; returns the kept layers and the path [{blocks, kl}, …]."""
     kept = list(all_layers)
     path = [{"blocks": list(kept), "kl": stack.kl(kept)}]
-    total = sum(range(n_blocks + 1, len(kept) + 1))
-    with tqdm(total=total, desc=f"choose {n_blocks} blocks", unit="trial", leave=False) as bar:
+    with tqdm(total=len(kept) - n_blocks, desc=f"choose {n_blocks} blocks", unit="block", leave=False) as bar:
         while len(kept) > n_blocks:
-            trials = []
-            for drop in kept:
-                trials.append((stack.kl([b for b in kept if b != drop]), drop))
-                bar.update(1)
-            kl, drop = min(trials)
+            kl, drop = min(stack.removal_costs(kept))
             kept.remove(drop)
             path.append({"blocks": list(kept), "kl": kl, "dropped": drop})
             log.info("without block %d: KL %.3f with %d blocks", drop, kl, len(kept))
+            bar.update(1)
     return kept, path

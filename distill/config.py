@@ -103,7 +103,7 @@ class DistillConfig(TrainLoopConfig):
     included); greedy: remove blocks from the SAE-spliced model one at a time, each time the one whose removal
     costs the least KL, until --n-layers remain (the path goes to OUT/blocks.json); or layer numbers, 10,17,23,30."""
 
-    select_tokens: int = 4096
+    select_tokens: int = 2048
     """--blocks greedy: training-split tokens on which each removal's KL is measured."""
 
     bos_stream: bool = False

@@ -66,7 +66,7 @@ class FrontierConfig(TrainLoopConfig):
     lens: bool = True
     """Train the tuned lens at every layer of the frontier on the same tokens (the reference line)."""
 
-    select_tokens: int = 4096
+    select_tokens: int = 2048
     """Training-split tokens on which greedy block removal is measured (`decoder train --select-tokens`)."""
 
     bos_stream: bool = True

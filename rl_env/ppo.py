@@ -74,6 +74,9 @@ def resolve(cfg: PpoConfig) -> PpoConfig:
                "sae": cfg.sae or meta.get("sae", ""), "data": cfg.data or meta.get("data", "")}
     if not updates["sae"]:
         raise ConfigError(f"{dec_dir}: decoder.json records no SAE; pass --sae")
+    if meta.get("bos_stream") and cfg.env == "token":
+        raise ConfigError(f"--decoder {dec_dir}: it reads position 0 as BOS (trained with --bos-stream), and the token "
+                          "environment's windows start mid-sequence; use --env generation, or a decoder trained without --bos-stream")
     if cfg.gamma < 0:
         updates["gamma"] = 0.0 if cfg.env == "token" else 1.0
     if cfg.context == 0 and meta.get("arch") == "context":
