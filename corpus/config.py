@@ -86,6 +86,11 @@ def parse_layers(text: str, n_layers: int, flag: str = "--layers", drop_beyond: 
     return sorted(set(layers))
 
 
+def with_bos(tokens: int, seq_len: int) -> int:
+    """Positions to read so that `tokens` scored positions remain once each sequence's BOS is left out."""
+    return math.ceil(tokens * seq_len / (seq_len - 1))
+
+
 @dataclass
 class CacheConfig(CorpusConfig, ModelConfig):
     layers: str = "9"
@@ -125,6 +130,5 @@ class CacheConfig(CorpusConfig, ModelConfig):
         model = model or cfg
         shared = {f.name: getattr(cfg, f.name) for f in fields(CorpusConfig)}
         shared.update({f.name: getattr(model, f.name) for f in fields(ModelConfig) if hasattr(model, f.name)})
-        with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
-        return cls(**{**shared, "tokens": with_bos, "split": "train", "layers": layers, "out": out,
+        return cls(**{**shared, "tokens": with_bos(tokens, cfg.seq_len), "split": "train", "layers": layers, "out": out,
                       "teacher": teacher, "top_k": top_k})

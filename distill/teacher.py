@@ -1,6 +1,6 @@
 """The online teacher (`--teacher online`): the frozen model runs inside each distillation step.
 
-One forward pass (in the model's dtype, bf16 on this CPU) gives both what the student reads (the
+One forward pass (in the model's dtype: bf16 where it is fast, else fp32) gives both what the student reads (the
 layer-L residual, through the SAE) and what it is trained towards (the exact next-token logits over
 the full vocabulary), so nothing is cached but the token ids. The ids are packed once by the driver
 into `OUT/train_tokens.safetensors`, keyed by the corpus settings that produced them, so every
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from corpus.config import CorpusConfig
+from corpus.config import CorpusConfig, with_bos
 from corpus.packing import sequences
 from models.errors import ConfigError
 from models.frozen import FrozenLM
@@ -39,15 +39,15 @@ def training_tokens(cfg: CorpusConfig, frozen: FrozenLM, tokens: int, out: Path)
 
     An existing table made from the same settings is reused; one made from other settings is rebuilt."""
     path = Path(out) / TOKENS_FILE
-    with_bos = math.ceil(tokens * cfg.seq_len / (cfg.seq_len - 1))
-    identity = _identity(cfg, frozen, with_bos)
+    positions = with_bos(tokens, cfg.seq_len)
+    identity = _identity(cfg, frozen, positions)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("identity") == identity:
                 return path
-    seqs = sequences(pick(cfg, CorpusConfig, split="train", tokens=with_bos), frozen.tokenizer, frozen.bos_token_id,
+    seqs = sequences(pick(cfg, CorpusConfig, split="train", tokens=positions), frozen.tokenizer, frozen.bos_token_id,
                      frozen.eos_token_id, frozen)
-    rows = [(p.tokens, p.next_ids) for p in tqdm(seqs, total=math.ceil(with_bos / cfg.seq_len), desc="pack training tokens",
+    rows = [(p.tokens, p.next_ids) for p in tqdm(seqs, total=math.ceil(positions / cfg.seq_len), desc="pack training tokens",
                                                  unit="seq", leave=False)]
     table = {"tokens": torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int32)),
              "next_ids": torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int32))}
