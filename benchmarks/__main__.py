@@ -65,6 +65,9 @@ class BenchConfig:
     ppo_batch: int = 1024
     """Env steps per PPO iteration in the RL benchmark."""
 
+    anchor_kl: str = "1"
+    """λ of the forward-KL anchor in the RL benchmark's PPO iterations (`faithlens ppo --anchor-kl`)."""
+
     interpret_tokens: int = 2048
     """Predictions attributed in the interpretation benchmark (the evidence scan reads twice as many tokens)."""
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.rl import bench_rl
 
         results["rl"] = bench_rl(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.decoder, cfg.ppo_iterations,
-                                 cfg.ppo_batch, cfg.batch)
+                                 cfg.ppo_batch, cfg.batch, cfg.anchor_kl)
     if "interpret" in stages:
         from benchmarks.interpret import bench_interpret
 

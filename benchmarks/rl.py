@@ -1,4 +1,4 @@
-"""Environment steps/s (token and generation, natively batched) and PPO iteration time + peak RSS.
+"""Environment steps/s (token and generation, natively batched) and PPO iteration time + peak RSS (anchor on).
 
 Runs in a spawned process so the peak RSS is the RL stage's own. Without --decoder, the policy is a
 readout decoder initialised from a random TopK SAE of the given width (the costs do not depend on
@@ -16,7 +16,7 @@ from benchmarks._spawn import in_child
 
 
 def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: str, iterations: int, train_batch: int,
-           num_envs: int, root: str) -> dict:
+           num_envs: int, anchor_kl: str, root: str) -> dict:
     import numpy as np
     import ray
 
@@ -46,8 +46,7 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
         decoder = str(root_p / "decoder")
     cfg = resolve(PpoConfig(decoder=Path(decoder), dtype=dtype, cache=str(cache.root), steps=iterations * train_batch,
                             train_batch=train_batch, minibatch_size=min(256, train_batch), num_envs=num_envs, eval_every=10**6,
-                            eval_tokens=256,
-                            task_examples=2, out=root_p / "ppo"))
+                            eval_tokens=256, anchor_kl=anchor_kl, task_examples=2, out=root_p / "ppo"))
     results = {}
     env_cfg = EnvConfig.from_dict({**cfg.__dict__, "cache": str(cache.root)})
     rng = np.random.default_rng(0)
@@ -84,11 +83,13 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trial.close()
     ray.shutdown()
-    results.update(train_batch=train_batch, num_envs=num_envs)
+    results.update(train_batch=train_batch, num_envs=num_envs, anchor_kl=anchor_kl, window=cfg.window,
+                   observation_rows=cfg.context + 1)
     return results
 
 
 def bench_rl(model: str, layer: int, latents: int, k: int, dtype: str, decoder: str = "", iterations: int = 2,
-             train_batch: int = 1024, num_envs: int = 8) -> dict:
+             train_batch: int = 1024, num_envs: int = 8, anchor_kl: str = "1") -> dict:
+    """PPO iterations with the forward-KL anchor on (λ = `anchor_kl`), as the anchored runs train."""
     with tempfile.TemporaryDirectory() as tmp:
-        return in_child(_child, model, dtype, layer, latents, k, decoder, iterations, train_batch, num_envs, tmp)
+        return in_child(_child, model, dtype, layer, latents, k, decoder, iterations, train_batch, num_envs, anchor_kl, tmp)

@@ -9,7 +9,9 @@ from torch import nn
 from corpus.config import CorpusConfig
 from corpus.packing import sequences
 from distill.loss import kl_full
-from distill.student import student_logits
+from distill.metrics import next_token_accuracy
+from distill.student import sae_features, student_logits
+from interpret.attribution import prediction_top_shares
 from models.frozen import FrozenLM
 from sae.model import SparseAutoencoder
 from training.config import pick
@@ -32,16 +34,38 @@ class HeldOut:
         self.tokens = sum(t.shape[0] * t.shape[1] for _, t in self.batches)
 
     @torch.no_grad()
-    def measure(self, student: nn.Module, sae: SparseAutoencoder | None) -> dict:
-        kl = kl_reverse = top1 = 0.0
+    def measure(self, student: nn.Module, sae: SparseAutoencoder | None, share_predictions: int = 0,
+                seed: int = 0) -> dict:
+        """kl, kl_reverse, top1 and next_token_acc (argmax = the data's next token) over the sample; with
+        `share_predictions` (a decoder only), `top10_share`: the mean top-10 share of |attribution| over that
+        many predictions at positions drawn with `seed` (the same ones on every call)."""
+        kl = kl_reverse = top1 = correct = 0.0
         was_training = student.training
         student.eval()
-        for resid, teacher_logp in self.batches:
+        for (resid, teacher_logp), ids in zip(self.batches, self.ids):
             logits = student_logits(student, sae, resid)
             teacher = teacher_logp.flatten(0, 1).float()
             kl += kl_full(teacher, logits).sum().item()
             # KL(p_student ‖ p_frozen): what the RL reward r_faith − log π(a) optimises in expectation
             kl_reverse += kl_full(logits.float().log_softmax(-1), teacher).sum().item()
             top1 += (logits.argmax(-1) == teacher.argmax(-1)).sum().item()
+            correct += next_token_accuracy(logits, ids[:, 1:].flatten()) * logits.shape[0]
+        out = {"kl": kl / self.tokens, "kl_reverse": kl_reverse / self.tokens, "top1": top1 / self.tokens,
+               "next_token_acc": correct / self.tokens}
+        if share_predictions and sae is not None:
+            out["top10_share"] = self.top10_share(student, sae, share_predictions, seed)
         student.train(was_training)
-        return {"kl": kl / self.tokens, "kl_reverse": kl_reverse / self.tokens, "top1": top1 / self.tokens}
+        return out
+
+    def top10_share(self, decoder, sae: SparseAutoencoder, n: int, seed: int = 0) -> float:
+        """Mean top-10 share of |attribution| per prediction (the design's "top-10 features explain 30%")."""
+        rng = np.random.default_rng(seed)
+        batch_of = rng.integers(len(self.batches), size=n)
+        shares = []
+        for i in np.unique(batch_of):
+            resid = self.batches[i][0]
+            B, T = resid.shape[:2]
+            positions = [(int(rng.integers(B)), int(rng.integers(1, T))) for _ in range(int((batch_of == i).sum()))]
+            indices, values = sae_features(sae, resid)
+            shares += prediction_top_shares(decoder, indices, values, positions)
+        return float(np.mean(shares))

@@ -62,6 +62,26 @@ def decoder_attribution(comp: Components, indices_BTK: Tensor, values_BTK: Tenso
     return J.detach(), (values.detach() * values.grad) * _scored_mask(values_BTK)
 
 
+def prediction_top_shares(decoder, indices_BTK: Tensor, values_BTK: Tensor, positions: list[tuple[int, int]],
+                          k: int = 10) -> list[float]:
+    """Top-k share of |attribution| of each prediction (b, t): the decoder's argmax at t, attributed to every
+    feature slot it reads (objective log p(argmax), gradient × activation; BOS excluded), one backward each."""
+    shares = []
+    F_ = decoder.cfg.num_latents
+    for b, t in positions:
+        first = 0 if decoder.needs_context else t  # a per-position decoder reads position t only
+        idx = indices_BTK[b : b + 1, first : t + 1]
+        values = values_BTK[b : b + 1, first : t + 1].detach().float().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logp = decoder(idx, values)[0, -1].float().log_softmax(-1)
+            logp[logp.argmax()].backward()
+        attr = values.detach() * values.grad
+        if first == 0:
+            attr[:, 0] = 0  # BOS
+        shares.append(top_share(per_feature(idx, attr, F_), k))
+    return shares
+
+
 def spliced_forward(comp: Components, ids_BT: Tensor, h_BTD: Tensor, indices_BTK: Tensor, values_BTK: Tensor,
                     error_BTD: Tensor) -> Tensor:
     """Frozen logits with layer L set to SAE-decode(values) + error (BOS kept as is); differentiable in values."""

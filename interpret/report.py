@@ -22,6 +22,7 @@ from rich.table import Table
 from interpret.config import EvalConfig
 from interpret.eval_records import TARGETS, Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.run import InterpretRun
+from models.errors import ConfigError
 from models.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,31 @@ def _load_methods(comp, ppo_dir: Path | None, lens_dir: Path | None) -> tuple[di
     head = FrozenHead.from_frozen(comp.frozen)
     decoders = {PRIMARY: (comp.decoder, comp.sae)}
     if ppo_dir is not None:
-        decoders["PPO decoder"] = (load_decoder(ppo_dir, head), comp.sae)
+        ppo = load_decoder(ppo_dir, head)
+        decoders["PPO decoder"] = (ppo, comp.sae)
+        start = ppo_start(ppo_dir)
+        if ppo.cfg.arch != comp.decoder.cfg.arch and start is not None:
+            # PPO is judged against the supervised decoder it started from: the same architecture
+            decoders[f"PPO's start (supervised {ppo.cfg.arch})"] = (load_decoder(start, head), comp.sae)
     return decoders, TunedLens.load(lens_dir, head) if lens_dir is not None else None
+
+
+def ppo_start(ppo_decoder_dir: Path) -> Path | None:
+    """The distilled decoder a PPO run started from (its config.json's `decoder`), if it is still there."""
+    from models.decoder import read_decoder_meta
+    from training.config import read_record
+    from training.layout import RunLayout, decoder_dir
+
+    config = RunLayout.of_decoder(ppo_decoder_dir).config
+    start = read_record(config).get("decoder") if config.is_file() else None
+    if not start:
+        return None
+    try:
+        folder = decoder_dir(Path(start))
+        read_decoder_meta(folder)
+    except ConfigError:
+        return None
+    return folder
 
 
 def _score_corpora(cfg: EvalConfig, comp, decoders: dict, lens, progress: bool) -> dict[str, dict]:

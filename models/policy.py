@@ -1,8 +1,11 @@
 """The RLlib policy: a `TorchRLModule` + `ValueFunctionAPI` wrapping a decoder checkpoint.
 
 - Observations are the environments' fixed-width sparse features, {"indices", "values"} of shape
-  [B, C+1, K] (positions t−C..t); the policy's logits are the decoder's at the last one (a context
-  decoder reads them all).
+  [B, R, K], with `length` (rows 0..length−1 are filled, the rest is padding) and `sequence` (steps
+  with the same id are prefixes of one sequence); the policy's logits are the decoder's at row
+  length − 1 (a context decoder reads the rows before it, from BOS).
+- In training, steps of one sequence share one forward: the decoder runs each sequence's longest
+  prefix in the batch once and every step reads its own row (causal attention makes this exact).
 - Sampling returns only the action and its log-prob: with ~49k actions, the full logits stored per
   step would cost 192 KiB each (RLlib keeps every module output in the episode). The learner
   recomputes the logits from the observation (see rl_env/ppo.py's slim PPO learner).
@@ -47,7 +50,22 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
 
     # -- the policy ------------------------------------------------------------------------
     def logits(self, obs: dict) -> torch.Tensor:
-        return self.decoder.last_logits(obs["indices"].long(), obs["values"].float())
+        return self.decoder.last_logits(obs["indices"].long(), obs["values"].float(), obs["length"].long())
+
+    def train_logits(self, obs: dict) -> torch.Tensor:
+        """The same logits, running each sequence once: its longest prefix in the batch, read at every step's row."""
+        if not self.decoder.needs_context:
+            return self.logits(obs)
+        length = obs["length"].long()
+        _, group = torch.unique(obs["sequence"], return_inverse=True)
+        longest = torch.full((int(group.max()) + 1,), -1, dtype=torch.long).scatter_reduce(0, group, length, "amax")
+        order = torch.arange(len(length))
+        # for each sequence, one step with its longest prefix
+        representative = torch.full_like(longest, -1).scatter_reduce(0, group, torch.where(length == longest[group], order, -1),
+                                                                     "amax")
+        R = int(longest.max())
+        hidden = self.decoder.hidden(obs["indices"][representative, :R].long(), obs["values"][representative, :R].float())
+        return self.decoder.readout(hidden[group, length - 1])
 
     @override(TorchRLModule)
     def _forward_inference(self, batch, **kwargs):
@@ -64,12 +82,14 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
     @override(TorchRLModule)
     def _forward_train(self, batch, **kwargs):
         obs = batch[Columns.OBS]
-        return {Columns.ACTION_DIST_INPUTS: self.logits(obs), Columns.EMBEDDINGS: self._value_features(obs)}
+        return {Columns.ACTION_DIST_INPUTS: self.train_logits(obs), Columns.EMBEDDINGS: self._value_features(obs)}
 
     # -- the value function ----------------------------------------------------------------
     def _value_features(self, obs: dict) -> torch.Tensor:
-        return F.embedding_bag(obs["indices"][:, -1].long(), self.value_embed,
-                               per_sample_weights=obs["values"][:, -1].float(), mode="sum")
+        """The value head reads the features of the step's own position (row length − 1)."""
+        rows, last = torch.arange(len(obs["length"])), obs["length"].long() - 1
+        return F.embedding_bag(obs["indices"][rows, last].long(), self.value_embed,
+                               per_sample_weights=obs["values"][rows, last].float(), mode="sum")
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch, embeddings=None):

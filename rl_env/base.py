@@ -20,7 +20,7 @@ from gymnasium.vector.utils import batch_space
 from models.config import ModelConfig
 from models.head import FrozenHead
 from models.loading import load_frozen
-from rl_env.config import EnvConfig
+from rl_env.config import EnvConfig, anchor_weights
 from rl_env.reward import RewardSchedule, direct_attribution, mono_share, parse_phases
 from sae.model import SparseAutoencoder
 
@@ -37,17 +37,24 @@ class Engine(ABC):
         self.head = FrozenHead.from_frozen(self.frozen)
         self.width = cfg.width or self.sae.cfg.sparse_width
         self.vocab = self.frozen.vocab_size
-        self.schedule = RewardSchedule(parse_phases(cfg.phases), cfg.total_steps)
+        phases = parse_phases(cfg.phases)
+        self.schedule = RewardSchedule(phases, cfg.total_steps, tuple(anchor_weights(cfg.anchor_kl, len(phases))))
         self.steps = 0
         self.rng = np.random.default_rng(cfg.seed)
         self.noise = torch.Generator().manual_seed(cfg.seed + 17)
-        ctx = cfg.context + 1
+        rows = self.observation_rows()
         self.single_observation_space = gym.spaces.Dict({
-            "indices": gym.spaces.Box(0, self.sae.cfg.num_latents - 1, (ctx, self.width), np.int64),
-            "values": gym.spaces.Box(0.0, np.inf, (ctx, self.width), np.float32),
+            "indices": gym.spaces.Box(0, self.sae.cfg.num_latents - 1, (rows, self.width), np.int32),
+            "values": gym.spaces.Box(0.0, np.inf, (rows, self.width), np.float32),
+            "length": gym.spaces.Box(1, rows, (), np.int64),
+            "sequence": gym.spaces.Box(0, np.iinfo(np.int64).max, (), np.int64),
         })
         self.single_action_space = gym.spaces.Discrete(self.vocab)
         self._reset_stats()
+
+    def observation_rows(self) -> int:
+        """Positions per observation: t and the `context` before it."""
+        return self.cfg.context + 1
 
     # -- features --------------------------------------------------------------------------
     @torch.no_grad()
@@ -59,7 +66,7 @@ class Engine(ABC):
             pad = self.width - idx.shape[1]
             idx = torch.nn.functional.pad(idx, (0, pad))
             val = torch.nn.functional.pad(val, (0, pad))
-        return idx[:, : self.width].numpy().astype(np.int64), val[:, : self.width].clamp_min(0).numpy().astype(np.float32)
+        return idx[:, : self.width].numpy().astype(np.int32), val[:, : self.width].clamp_min(0).numpy().astype(np.float32)
 
     # -- reward ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -92,6 +99,20 @@ class Engine(ABC):
             return
         if self._sums["features_needed"] / self._count > self.cfg.max_features and self.schedule.beta_scale < 4:
             self.schedule.beta_scale = min(4.0, self.schedule.beta_scale * 1.25)
+
+    def obs_info(self) -> dict:
+        """What the learner needs about each current observation, sent in its info: the frozen model's
+        distribution at its position (top-k ids and log-probs + the log of the rest mass) and the weights
+        of the step taken from it (`entropy_alpha`: α for the entropy reward; `anchor_lambda`: λ of the
+        forward-KL anchor)."""
+        alpha = self.schedule.weights(self.steps)[0]
+        n = self.num_envs
+        return {**self.teacher_targets(), "entropy_alpha": np.full(n, alpha, np.float32),
+                "anchor_lambda": np.full(n, self.schedule.anchor_weight(self.steps), np.float32)}
+
+    @abstractmethod
+    def teacher_targets(self) -> dict:
+        """teacher_ids [n, k] int32, teacher_logp [n, k], teacher_rest [n] at each row's observed position."""
 
     def set_alpha_scale(self, scale: float) -> None:
         self.schedule.alpha_scale = scale
@@ -147,7 +168,8 @@ class BatchedVectorEnv(VectorEnv):
 
     def reset(self, *, seed=None, options=None):
         self._needs_reset[:] = False
-        return self.engine.reset_all(seed), {}
+        obs = self.engine.reset_all(seed)
+        return obs, self.engine.obs_info()
 
     def step(self, actions):
         actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
@@ -161,7 +183,7 @@ class BatchedVectorEnv(VectorEnv):
             rewards[rows] = 0.0
             terminated[rows] = truncated[rows] = False
         self._needs_reset = done & ~self._needs_reset
-        return obs, rewards, terminated, truncated, info
+        return obs, rewards, terminated, truncated, {**info, **self.engine.obs_info()}
 
 
 class SingleEnv(gym.Env):
@@ -176,9 +198,9 @@ class SingleEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         obs = self.engine.reset_all(seed)
-        return {k: v[0] for k, v in obs.items()}, {}
+        return {k: v[0] for k, v in obs.items()}, {k: v[0] for k, v in self.engine.obs_info().items()}
 
     def step(self, action):
         obs, rewards, terminated, truncated, info = self.engine.step(np.array([int(action)], dtype=np.int64))
-        return ({k: v[0] for k, v in obs.items()}, float(rewards[0]), bool(terminated[0]), bool(truncated[0]),
-                {k: float(v[0]) for k, v in info.items()})
+        info = {**{k: float(v[0]) for k, v in info.items()}, **{k: v[0] for k, v in self.engine.obs_info().items()}}
+        return {k: v[0] for k, v in obs.items()}, float(rewards[0]), bool(terminated[0]), bool(truncated[0]), info

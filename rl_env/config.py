@@ -34,10 +34,31 @@ class RewardConfig:
     random_reward: bool = False
     """Replace every reward by N(0, 1) noise (the baseline that shows the reward means something)."""
 
+    anchor_kl: str = "0"
+    """λ of the forward-KL anchor λ·KL(p_frozen ‖ π) in the PPO loss, over every position of the train batch:
+    one value, or one per phase separated by commas (e.g. '0.5,1,1'). 0 = off."""
+
+    entropy_reward: float = 0.0
+    """c: add −c·α·log π(a) to every step's reward, α the step's faithfulness weight (the design's entropy bonus
+    in reward units; c = 1 makes α·r_faith's expectation −α·KL(π ‖ p_frozen), whose optimum is π = p_frozen). 0 = off."""
+
     def __post_init__(self) -> None:
-        parse_phases(self.phases)
+        anchor_weights(self.anchor_kl, len(parse_phases(self.phases)))
         if self.top_m < 1:
             raise ConfigError(f"--top-m: expected at least 1, got {self.top_m}")
+        if self.entropy_reward < 0:
+            raise ConfigError(f"--entropy-reward: expected c >= 0, got {self.entropy_reward}")
+
+
+def anchor_weights(text: str, n_phases: int) -> list[float]:
+    """--anchor-kl 'L' or 'L1,L2,...' (one per phase) → λ per phase."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0 or len(values) not in (1, n_phases):
+        raise ConfigError(f"--anchor-kl: expected one λ >= 0 or {n_phases} comma-separated (one per phase), got {text!r}")
+    return values * n_phases if len(values) == 1 else values
 
 
 @dataclass
@@ -58,11 +79,14 @@ class EnvConfig(RewardConfig):
     cache: str = ""
     """token: activation cache with teacher targets at the layer."""
 
-    window: int = 16
-    """token: positions per episode."""
+    window: int = 0
+    """token: positions per episode (0: 16 for a per-position decoder, 64 for a context decoder). A per-position
+    decoder's window starts anywhere in a sequence; a context decoder's episode is positions 1..window of a
+    sequence, each observation holding positions 0..t (from BOS)."""
 
     context: int = 0
-    """Previous positions included in each observation (context decoders read them)."""
+    """Positions before t in each observation (0 for per-position decoders; a context decoder's observation
+    rows: the token env's window, the generation env's longest prompt + answer, from BOS)."""
 
     width: int = 0
     """Feature slots per position in observations (0 = the SAE's sparse width)."""
@@ -71,7 +95,15 @@ class EnvConfig(RewardConfig):
     """generation: task prompts, any task-suite spec (builtin:tasks[:SUITE], gsm8k[:PATH], boolq, squad, hf:NAME, a .jsonl file)."""
 
     max_new_tokens: int = 8
-    """generation: tokens the decoder may write before the episode is cut."""
+    """generation: tokens the decoder may write before the episode ends."""
+
+    prompt_format: Literal["auto", "chat", "bare"] = "auto"
+    """generation: chat = the tokenizer's chat template (the instruct model's own format); bare = "Question: …
+    Answer:"; auto = chat when the tokenizer has a template."""
+
+    anchor_k: int = 256
+    """generation: the frozen model's top tokens (+ one bin for the rest) sent with each observation for the
+    anchor (the token env sends its cache's top-k)."""
 
     total_steps: int = 10_000
     """Env steps of the whole run (sets the phase boundaries)."""
@@ -80,8 +112,10 @@ class EnvConfig(RewardConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window < 1 or self.context < 0:
-            raise ConfigError(f"--window must be >= 1 and --context >= 0 (got {self.window}, {self.context})")
+        if self.anchor_k < 1:
+            raise ConfigError(f"--anchor-k: expected at least 1, got {self.anchor_k}")
+        if self.window < 0 or self.context < 0:
+            raise ConfigError(f"--window and --context must be >= 0 (got {self.window}, {self.context})")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,12 +1,17 @@
 """`GenerationEnv`: the decoder writes the answer to a task prompt, on policy.
 
-An episode is one task prompt ("Question: …\\nAnswer:") of `--tasks`, which takes any suite spec
-`corpus.tasks.load_suite` accepts. Each step the decoder's token is appended, the frozen model
-advances one token with its KV cache, and the next observation is the SAE features at the new
-position (and the C before it). The episode ends at EOS, at the answer delimiter (a newline), or
-after `max_new_tokens`; the answer is then checked (exact match after normalisation, against any
-of the example's references) and r_task = 1 is paid on the final step if it is right. r_faith uses
-the frozen model's exact next-token distribution at every step.
+An episode is one task prompt of `--tasks` (any suite spec `corpus.tasks.load_suite` accepts), in the
+instruct model's chat template (`--prompt-format auto`, as `faithlens eval` uses) or bare
+("Question: …\\nAnswer:"). Each step the decoder's token is appended, the frozen model advances one
+token with its KV cache, and the next observation is the SAE features at the new position: for a
+context decoder the whole episode from BOS (rows 0..t filled, the rest zero padding, `length` =
+t + 1; prompts too long for `context` + 1 rows with `max_new_tokens` after them are skipped, and
+counted), for a per-position decoder the new position only. The episode ends at EOS, at the answer
+delimiter (a newline), or after `max_new_tokens`; the answer is then checked (exact match after
+normalisation, against any of the example's references) and r_task = 1 is paid on that final step if
+it is right. Every end is the task's end, so the episode is terminated, never truncated (nothing
+follows to bootstrap from). r_faith uses the frozen model's exact next-token distribution at every
+step, and its top `anchor_k` tokens + rest mass go to the learner's anchor with each observation.
 
 Natively batched: every step is one frozen-model call for all sub-environments. Each row keeps
 its own KV cache; for the call they are left-padded into one batch (attention mask + explicit
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from corpus.answers import is_correct
-from corpus.tasks import task_stream
+from corpus.tasks import prompt_token_ids, task_stream
 from models.errors import ConfigError
 from rl_env.base import BatchedVectorEnv, Engine, SingleEnv
 from rl_env.config import EnvConfig
@@ -45,13 +50,33 @@ class GenerationEngine(Engine):
         self.length = np.zeros(n, dtype=np.int64)  # tokens in each row's cache
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.logp: torch.Tensor = torch.zeros(n, self.vocab)  # frozen next-token log-probs at each row's last position
-        K, C = self.width, cfg.context
-        self.feat_idx = np.zeros((n, C + 1, K), dtype=np.int64)
-        self.feat_val = np.zeros((n, C + 1, K), dtype=np.float32)
+        K, R = self.width, self.rows
+        self.feat_idx = np.zeros((n, R, K), dtype=np.int32)  # row i: position i (context) or the last position
+        self.feat_val = np.zeros((n, R, K), dtype=np.float32)
+        self.sequence = np.zeros(n, dtype=np.int64)
+        self._first_id = int(np.random.default_rng().integers(1 << 40)) << 20  # episode ids unique across env runners
+        self._episodes = self._first_id
+        self.skipped_prompts = 0
+
+    @property
+    def rows(self) -> int:
+        return self.observation_rows()
+
+    @property
+    def from_bos(self) -> bool:
+        return self.cfg.context > 0
+
+    def _put(self, row: int, at: int, idx: np.ndarray, val: np.ndarray) -> None:
+        """Features of positions at..at+len−1 into `row` (a per-position decoder keeps the last one only)."""
+        if not self.from_bos:
+            self.feat_idx[row, 0], self.feat_val[row, 0] = idx[-1], val[-1]
+            return
+        self.feat_idx[row, at : at + len(idx)], self.feat_val[row, at : at + len(idx)] = idx, val
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
         self.tasks = _tasks(self.cfg.tasks, seed)
+        self._episodes = self._first_id  # the same seed gives the same observations
 
     # -- frozen-model calls ------------------------------------------------------------------
     @torch.inference_mode()
@@ -61,10 +86,9 @@ class GenerationEngine(Engine):
         self.kv[row] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self.length[row] = len(ids)
         self.logp[row] = out.logits[0, -1].float().log_softmax(-1)
-        idx, val = self.encode(store[self.cfg.layer][0, -(self.cfg.context + 1):])
-        C1 = self.cfg.context + 1
+        idx, val = self.encode(store[self.cfg.layer][0, -self.rows:])
         self.feat_idx[row], self.feat_val[row] = 0, 0.0
-        self.feat_idx[row, C1 - len(idx):], self.feat_val[row, C1 - len(idx):] = idx, val
+        self._put(row, 0, idx, val)
 
     @torch.inference_mode()
     def _advance(self, rows: np.ndarray, tokens: np.ndarray) -> None:
@@ -90,22 +114,41 @@ class GenerationEngine(Engine):
             self.kv[r] = [(layer.keys[i : i + 1, :, pad:], layer.values[i : i + 1, :, pad:]) for layer in new]
             self.length[r] += 1
             self.logp[r] = out.logits[i, -1].float().log_softmax(-1)
-            self.feat_idx[r] = np.roll(self.feat_idx[r], -1, axis=0)
-            self.feat_val[r] = np.roll(self.feat_val[r], -1, axis=0)
-            self.feat_idx[r, -1], self.feat_val[r, -1] = idx[i], val[i]
+            self._put(r, int(self.length[r]) - 1, idx[i : i + 1], val[i : i + 1])
 
     # -- the batched protocol -------------------------------------------------------------------
     def reset_rows(self, rows: np.ndarray) -> dict:
         for r in rows:
-            ex = next(self.tasks)
+            ex, prompt = self._next_prompt()
             self.examples[r] = ex
             self.generated[r] = []
-            prompt = self.tok(ex.prompt_text(), add_special_tokens=False)["input_ids"]
-            self._prefill(int(r), [self.frozen.bos_token_id, *prompt])
+            self.sequence[r] = self._episodes
+            self._episodes += 1
+            self._prefill(int(r), prompt)
         return self._obs()
 
+    def _next_prompt(self, tries: int = 1000):
+        """The next task whose prompt and longest answer fit the observation (a context decoder's rows)."""
+        for _ in range(tries):
+            ex = next(self.tasks)
+            prompt = prompt_token_ids(ex, self.tok, self.cfg.prompt_format, self.frozen.bos_token_id)
+            if not self.from_bos or len(prompt) + self.cfg.max_new_tokens <= self.rows:
+                return ex, prompt
+            self.skipped_prompts += 1
+        raise ConfigError(f"--context {self.cfg.context}: no prompt of --tasks {self.cfg.tasks} in {tries} fits "
+                          f"{self.rows} positions with --max-new-tokens {self.cfg.max_new_tokens} after it")
+
     def _obs(self) -> dict:
-        return {"indices": self.feat_idx.copy(), "values": self.feat_val.copy()}
+        if not self.from_bos:
+            return {"indices": self.feat_idx.copy(), "values": self.feat_val.copy(),
+                    "length": np.ones(self.num_envs, np.int64), "sequence": self.sequence.copy()}
+        return {"indices": self.feat_idx.copy(), "values": self.feat_val.copy(), "length": self.length.copy(),
+                "sequence": self.sequence.copy()}
+
+    def teacher_targets(self) -> dict:
+        logp, ids = self.logp.topk(self.cfg.anchor_k, dim=-1)
+        rest = self.logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        return {"teacher_ids": ids.numpy().astype(np.int32), "teacher_logp": logp.numpy(), "teacher_rest": rest.numpy()}
 
     def step(self, actions: np.ndarray, skip: np.ndarray | None = None):
         live = np.flatnonzero(~skip) if skip is not None else np.arange(self.num_envs)
@@ -123,12 +166,10 @@ class GenerationEngine(Engine):
             self.generated[r].append(int(a[i]))
             text = self.tok.decode(self.generated[r], skip_special_tokens=True)
             if int(a[i]) == self.frozen.eos_token_id or "\n" in text or len(self.generated[r]) >= self.cfg.max_new_tokens:
-                ends[i] = True
+                ends[i] = terminated[r] = True
                 task[i] = float(is_correct(text.split("\n")[0], self.examples[r].references))
-                truncated[r] = len(self.generated[r]) >= self.cfg.max_new_tokens and "\n" not in text \
-                    and int(a[i]) != self.frozen.eos_token_id
-                terminated[r] = not truncated[r]
-        r_live, parts = self.reward(a, logp, self.feat_idx[live, -1], self.feat_val[live, -1], task)
+        last = self.length[live] - 1 if self.from_bos else np.zeros(len(live), np.int64)
+        r_live, parts = self.reward(a, logp, self.feat_idx[live, last], self.feat_val[live, last], task)
         rewards[live] = r_live
         info = {k: np.zeros(self.num_envs, np.float32) for k in parts}
         for k, v in parts.items():

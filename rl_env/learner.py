@@ -1,19 +1,27 @@
-"""PPO's clipped-surrogate loss without the rollout's full action distribution, and the design's
-entropy bonus in reward units.
+"""PPO's clipped-surrogate loss without the rollout's full action distribution, the design's entropy
+bonus in reward units, and the forward-KL anchor.
 
 RLlib's stock PPO learner reads the sampled steps' `action_dist_inputs` (the full logits) even with
 the KL penalty off; with ~49k actions those cost 192 KiB per step in every episode and batch. The
 ratio only needs the sampled action's log-prob, which the policy returns at sampling time, so this
 learner computes the same loss as the stock one (use_kl_loss=False) from `action_logp` alone.
 
-The design's r_faith = log p_frozen(a) reaches −α·KL(π ‖ p_frozen) in expectation only with an entropy
-bonus of α *in reward units*; RLlib's entropy coefficient acts on standardised advantages instead.
-With `learner_config_dict={"entropy_reward": c}` the learner adds −c·log π(a) (the sampled action's
-log-prob, already in the batch) to every step's reward before advantages are computed.
+Every observation's info carries the frozen model's distribution at its position (top-k ids and
+log-probs + the log of the rest mass; 0.5 KiB per step at k = 64, never full-vocabulary logits) and
+the weights of the step taken from it (`Engine.obs_info`). `TeacherColumns` moves them into the
+train batch, where
+- the entropy reward: with `learner_config_dict={"entropy_reward": c}`, −c·α_t·log π(a_t) is added to
+  every step's reward before advantages are computed. With c = 1, α·r_faith plus it has expectation
+  −α·KL(π ‖ p_frozen) whatever α the phase (and the dynamic ×0.5) set; RLlib's entropy coefficient
+  acts on standardised advantages instead;
+- the anchor: the loss gains λ_t·KL(p_frozen ‖ π) at every position of the batch (binned over the
+  teacher's top k + one bin for the rest, `distill.loss.kl_topk`), λ_t the step's phase weight
+  (`--anchor-kl`), logged as `anchor_kl` (its unweighted mean).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from ray.rllib.algorithms.ppo.ppo import (
     LEARNER_RESULTS_KL_KEY,
@@ -22,16 +30,35 @@ from ray.rllib.algorithms.ppo.ppo import (
 )
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.connectors.connector_v2 import ConnectorV2
-from ray.rllib.connectors.learner import GeneralAdvantageEstimation
+from ray.rllib.connectors.learner import AddColumnsFromEpisodesToTrainBatch, GeneralAdvantageEstimation
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import ENTROPY_KEY, POLICY_LOSS_KEY, VF_LOSS_KEY
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.torch_utils import explained_variance
 
+from distill.loss import kl_topk
+
+TEACHER_COLUMNS = ("teacher_ids", "teacher_logp", "teacher_rest", "entropy_alpha", "anchor_lambda")
+"""Info keys every environment sends with each observation (rl_env.base.Engine.obs_info)."""
+ANCHOR_KL_KEY = "anchor_kl"
+
+
+class TeacherColumns(ConnectorV2):
+    """The teacher targets and step weights of each observation's info, as batch columns (one row per step)."""
+
+    def __call__(self, *, rl_module, batch, episodes, **kwargs):
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            n = len(episode)
+            infos = episode.get_infos(slice(0, n))
+            for key in TEACHER_COLUMNS:
+                self.add_n_batch_items(batch, key, np.stack([np.asarray(info[key]) for info in infos]), num_items=n,
+                                       single_agent_episode=episode)
+        return batch
+
 
 class EntropyReward(ConnectorV2):
-    """reward ← reward − c·log π(a), per step, before GAE (the artificial bootstrap step is masked anyway)."""
+    """reward ← reward − c·α_t·log π(a_t), per step, before GAE (the artificial bootstrap step is masked anyway)."""
 
     def __init__(self, coefficient: float, **kwargs):
         super().__init__(**kwargs)
@@ -40,8 +67,8 @@ class EntropyReward(ConnectorV2):
     def __call__(self, *, rl_module, batch, episodes, **kwargs):
         for module_batch in batch.values():
             if Columns.REWARDS in module_batch and Columns.ACTION_LOGP in module_batch:
-                logp = module_batch[Columns.ACTION_LOGP]
-                module_batch[Columns.REWARDS] = module_batch[Columns.REWARDS] - self.coefficient * logp
+                scale = self.coefficient * module_batch["entropy_alpha"]
+                module_batch[Columns.REWARDS] = module_batch[Columns.REWARDS] - scale * module_batch[Columns.ACTION_LOGP]
         return batch
 
 
@@ -49,8 +76,11 @@ class SlimPPOLearner(PPOTorchLearner):
     @override(PPOTorchLearner)
     def build(self) -> None:
         super().build()
+        if self._learner_connector is None:
+            return
+        self._learner_connector.insert_before(AddColumnsFromEpisodesToTrainBatch, TeacherColumns())
         coefficient = float(self.config.learner_config_dict.get("entropy_reward", 0.0))
-        if coefficient and self._learner_connector is not None:
+        if coefficient:
             self._learner_connector.insert_before(GeneralAdvantageEstimation, EntropyReward(coefficient))
 
     @override(PPOTorchLearner)
@@ -77,7 +107,17 @@ class SlimPPOLearner(PPOTorchLearner):
         entropy = dist.entropy()
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
         total = mean(-surrogate + config.vf_loss_coeff * vf_loss_clipped - entropy_coeff * entropy)
+        lam = batch["anchor_lambda"].float()
+        if bool((lam > 0).any()):
+            anchor = kl_topk(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"],
+                             fwd_out[Columns.ACTION_DIST_INPUTS])
+            total = total + mean(lam * anchor)
+        else:
+            with torch.no_grad():
+                anchor = kl_topk(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"],
+                                 fwd_out[Columns.ACTION_DIST_INPUTS].detach())
         self.metrics.log_dict({
+            ANCHOR_KL_KEY: mean(anchor.detach()),
             POLICY_LOSS_KEY: -mean(surrogate), VF_LOSS_KEY: mean(vf_loss_clipped),
             LEARNER_RESULTS_VF_LOSS_UNCLIPPED_KEY: mean(vf_loss),
             LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY: explained_variance(batch[Postprocessing.VALUE_TARGETS], values),

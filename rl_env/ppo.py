@@ -74,14 +74,24 @@ def resolve(cfg: PpoConfig) -> PpoConfig:
                "sae": cfg.sae or meta.get("sae", ""), "data": cfg.data or meta.get("data", "")}
     if not updates["sae"]:
         raise ConfigError(f"{dec_dir}: decoder.json records no SAE; pass --sae")
-    if meta.get("bos_stream") and cfg.env == "token":
-        raise ConfigError(f"--decoder {dec_dir}: it reads position 0 as BOS (trained with --bos-stream), and the token "
-                          "environment's windows start mid-sequence; use --env generation, or a decoder trained without --bos-stream")
     if cfg.gamma < 0:
         updates["gamma"] = 0.0 if cfg.env == "token" else 1.0
-    if cfg.context == 0 and meta.get("arch") == "context":
-        updates["context"] = 31  # a context decoder reads the previous positions too
+    context = meta.get("arch") == "context"
+    if cfg.window == 0:
+        updates["window"] = CONTEXT_WINDOW if context else 16
+    if context and cfg.env == "token":
+        updates["context"] = updates.get("window", cfg.window)  # observations hold the sequence from BOS
+    elif context and cfg.context == 0:
+        updates["context"] = GENERATION_CONTEXT - 1
+    elif not context and cfg.context:
+        raise ConfigError(f"--context {cfg.context}: a {meta.get('arch')} decoder reads one position; leave --context at 0")
     return replace(cfg, **updates)
+
+
+CONTEXT_WINDOW = 64
+"""Token env, context decoder: an episode is positions 1..64 of a sequence (observations of 65 rows from BOS)."""
+GENERATION_CONTEXT = 96
+"""Generation env, context decoder: rows per observation (prompt from BOS + answer)."""
 
 
 def algo_config(cfg: PpoConfig, env_config: dict):
@@ -98,9 +108,10 @@ def algo_config(cfg: PpoConfig, env_config: dict):
         .training(lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.lambda_, clip_param=cfg.clip_param,
                   entropy_coeff=cfg.entropy_coeff, vf_loss_coeff=cfg.vf_loss_coeff, use_kl_loss=False,
                   num_epochs=cfg.num_epochs, minibatch_size=cfg.minibatch_size, train_batch_size_per_learner=cfg.train_batch,
-                  grad_clip=1.0)
+                  grad_clip=1.0, shuffle_batch_per_epoch=cfg.context == 0)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=DecoderPolicy, model_config={
             "decoder": str(cfg.decoder), "model": cfg.model, "dtype": cfg.dtype}))
+        # a context decoder's minibatches hold whole episodes (unshuffled), so the learner runs each sequence once
         .learners(num_learners=0, learner_class=SlimPPOLearner, learner_config_dict={"entropy_reward": cfg.entropy_reward})
         .debugging(seed=cfg.seed, log_level="ERROR")
     )
@@ -126,12 +137,14 @@ class Evaluator:
 
         was_training = decoder.training
         decoder.eval()
-        out = self.held_out.measure(decoder, self.sae)
+        out = self.held_out.measure(decoder, self.sae, self.cfg.share_predictions, self.cfg.seed)
         if self.cfg.task_suite:
+            # the generation env is judged as it trains: generated answers in its prompt format
+            mode, fmt = ("generate", self.cfg.prompt_format) if self.cfg.env == "generation" else ("teacher_forced", "bare")
             tasks = task_answer_exact_match(self.frozen, self.cfg.layer, {"decoder": (decoder, self.sae)},
                                             [self.cfg.task_suite], self.cfg.task_examples, self.cfg.seed,
-                                            mode="teacher_forced", prompt_format="bare", n_samples=0,
-                                            progress=False)["overall"]
+                                            mode=mode, prompt_format=fmt, n_samples=0,
+                                            max_new_tokens=self.cfg.max_new_tokens, progress=False)["overall"]
             out.update(task_acc=tasks["decoders"]["decoder"]["accuracy"], frozen_task_acc=tasks["frozen"])
         decoder.train(was_training)
         return out
@@ -170,7 +183,7 @@ def _token_cache(cfg: PpoConfig, frozen, corpus) -> str:
 
 def _learner_stats(result: dict) -> dict:
     stats = result.get("learners", {}).get("default_policy", {})
-    keys = ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "total_loss")
+    keys = ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "total_loss", "anchor_kl")
     return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
 
 

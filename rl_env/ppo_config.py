@@ -49,10 +49,6 @@ class PpoConfig(EnvConfig):
     entropy_coeff: float = 0.0
     """Entropy bonus in the PPO loss (advantages are standardised, so it is not the reward-scale α)."""
 
-    entropy_reward: float = 0.0
-    """Add −c·log π(a) to every step's reward (the design's entropy bonus in reward units; c = α makes the
-    faithfulness term's expectation −α·KL(π ‖ p_frozen), whose optimum is π = p_frozen). 0 = off."""
-
     vf_loss_coeff: float = 0.5
     num_epochs: int = 2
     minibatch_size: int = 256
@@ -69,6 +65,9 @@ class PpoConfig(EnvConfig):
     """Builtin task suite for task accuracy (teacher-forced exact match on answer tokens)."""
 
     task_examples: int = 50
+
+    share_predictions: int = 64
+    """Held-out predictions whose top-10 share of |attribution| is measured at each evaluation (0 = off)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

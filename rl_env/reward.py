@@ -38,6 +38,8 @@ class RewardSchedule:
 
     phases: list[Phase]
     total_steps: int
+    anchor: tuple[float, ...] = ()
+    """λ of the forward-KL anchor per phase (empty: off)."""
     alpha_scale: float = 1.0
     """Multiplies α; the trainer lowers it once held-out KL < the faithfulness target."""
     beta_scale: float = 1.0
@@ -46,6 +48,9 @@ class RewardSchedule:
     def weights(self, step: int) -> tuple[float, float, float]:
         alpha, beta, gamma = self.phases[self.phase_index(step)].values
         return alpha * self.alpha_scale, beta * self.beta_scale, gamma
+
+    def anchor_weight(self, step: int) -> float:
+        return self.anchor[self.phase_index(step)] if self.anchor else 0.0
 
     def phase_index(self, step: int) -> int:
         return phase_index(self.phases, step, self.total_steps)

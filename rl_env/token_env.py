@@ -1,11 +1,23 @@
-"""`TokenPredictionEnv`: teacher-forced prediction over windows of cached text (a contextual bandit).
+"""`TokenPredictionEnv`: teacher-forced prediction over cached text (a contextual bandit).
 
-An episode is `window` consecutive positions of one cached sequence. The observation at position t
-is the SAE features of positions t−C..t (C = `context`, zero-padded before the sequence start); the
-action is a token id; the reward is computed from the cached teacher targets at t (log p_frozen of
-the action from the top-k log-probs, the rest mass shared equally outside them), the features at t,
-and the data's next token (or the frozen argmax). The positions an episode can observe are encoded
-once, when it starts (all rows starting together in one SAE call).
+An episode is `window` consecutive positions of one cached sequence; the action is a token id; the
+reward is computed from the cached teacher targets at t (log p_frozen of the action from the top-k
+log-probs, the rest mass shared equally outside them), the features at t, and the data's next token
+(or the frozen argmax).
+
+What an observation holds depends on the decoder, so that the policy sees what `decoder eval` shows it:
+- a per-position decoder (context 0): the features of position t, one row; windows start anywhere
+  after BOS;
+- a context decoder (context > 0): the sequence from BOS, rows 0..window, of which rows 0..t are
+  filled and the rest are zero padding (`length` = t + 1). The episode is positions 1..window of
+  the sequence, so every observation is a prefix of the sequence `decoder eval` runs, and the
+  decoder's logits at row t equal eval's at position t (attention is causal: the padding after t
+  never reaches it). `sequence` names the cached sequence, so the learner runs each sequence's
+  longest prefix in a batch once for all of its steps.
+
+The positions an episode can observe are SAE-encoded once, when it starts (all rows starting
+together in one SAE call). Each observation comes with the teacher targets at its position and the
+step's reward weights in its info (`Engine.obs_info`), for the learner's forward-KL anchor.
 """
 
 from __future__ import annotations
@@ -24,19 +36,23 @@ from rl_env.reward import token_logp
 
 class TokenEngine(Engine):
     def __init__(self, cfg: EnvConfig, num_envs: int, frozen=None):
-        super().__init__(cfg, num_envs, frozen)
         self.cache = ActivationCache.open(Path(cfg.cache), verify=False)
         if cfg.layer not in self.cache.layers or not self.cache.has_teacher:
             raise ConfigError(f"--cache {cfg.cache}: needs layer {cfg.layer} with teacher targets")
-        if cfg.window > self.cache.seq_len - 1:
+        if not 1 <= cfg.window <= self.cache.seq_len - 1:
             raise ConfigError(f"--window {cfg.window}: at most {self.cache.seq_len - 1} positions per cached sequence")
+        self.from_bos = cfg.context > 0
+        super().__init__(cfg, num_envs, frozen)
         counts = [e["sequences"] for e in self.cache.manifest["shards"]]
         self.index = np.concatenate([np.stack([np.full(n, s), np.arange(n)], 1) for s, n in enumerate(counts)])
-        n, C, K = num_envs, cfg.context, self.width
+        n, K = num_envs, self.width
+        self.span = cfg.window + 1 if self.from_bos else cfg.window  # positions encoded per episode
         self.pos = np.zeros(n, dtype=np.int64)  # current position in the sequence
         self.end = np.zeros(n, dtype=np.int64)
-        self.feat_idx = np.zeros((n, self.cache.seq_len + C, K), dtype=np.int64)  # C leading zero rows
-        self.feat_val = np.zeros((n, self.cache.seq_len + C, K), dtype=np.float32)
+        self.first = np.zeros(n, dtype=np.int64)  # the sequence position of feat_* row 0
+        self.sequence = np.zeros(n, dtype=np.int64)
+        self.feat_idx = np.zeros((n, self.span, K), dtype=np.int32)
+        self.feat_val = np.zeros((n, self.span, K), dtype=np.float32)
         # each row's sequence targets, copied in at reset so that a step is one vectorised gather
         T, k = self.cache.seq_len, self.cache.manifest["top_k"]
         self.next_ids = np.zeros((n, T), dtype=np.int64)
@@ -44,11 +60,18 @@ class TokenEngine(Engine):
         self.top_logp = np.zeros((n, T, k), dtype=np.float32)
         self.rest = np.zeros((n, T), dtype=np.float32)
 
+    def observation_rows(self) -> int:
+        return self.cfg.window + 1 if self.from_bos else 1
+
+    @property
+    def teacher_k(self) -> int:
+        return int(self.cache.manifest["top_k"])
+
     def reset_rows(self, rows: np.ndarray) -> dict:
-        """New episodes for `rows`: a random sequence and window each; the positions an episode can observe
-        (its window and the C before it) of all rows are SAE-encoded in one call."""
-        C, T = self.cfg.context, self.cfg.window
-        spans, resid = [], []
+        """New episodes for `rows`: a random sequence (and window) each; the positions an episode can observe
+        of all rows are SAE-encoded in one call."""
+        T = self.cfg.window
+        resid = []
         for r in rows:
             shard, row = self.index[self.rng.integers(len(self.index))]
             data = self.cache.shard(int(shard))
@@ -56,26 +79,37 @@ class TokenEngine(Engine):
             self.top_ids[r] = data["teacher.topk_ids"][int(row)].numpy()
             self.top_logp[r] = data["teacher.topk_logp"][int(row)].numpy()
             self.rest[r] = data["teacher.rest_logmass"][int(row)].numpy()
-            start = int(self.rng.integers(1, self.cache.seq_len - T + 1))  # position 0 (BOS) is never scored
+            # position 0 (BOS) is never scored
+            start = 1 if self.from_bos else int(self.rng.integers(1, self.cache.seq_len - T + 1))
             self.pos[r], self.end[r] = start, start + T
-            first = max(0, start - C)
-            spans.append((r, first, start + T))
-            resid.append(data[f"resid.{self.cfg.layer}"][int(row), first : start + T])
+            self.first[r] = 0 if self.from_bos else start
+            self.sequence[r] = (int(shard) << 32) | int(row)
+            resid.append(data[f"resid.{self.cfg.layer}"][int(row), self.first[r] : self.first[r] + self.span])
         idx, val = self.encode(torch.cat(resid))
-        offset = 0
-        for r, first, stop in spans:
-            n = stop - first
-            self.feat_idx[r], self.feat_val[r] = 0, 0.0
-            self.feat_idx[r, first + C : stop + C] = idx[offset : offset + n]
-            self.feat_val[r, first + C : stop + C] = val[offset : offset + n]
-            offset += n
+        n = self.span
+        for i, r in enumerate(rows):
+            self.feat_idx[r], self.feat_val[r] = idx[i * n : (i + 1) * n], val[i * n : (i + 1) * n]
         return self._obs()
 
+    def _shown(self) -> np.ndarray:
+        """Each row's observed position (a finished row shows its last one until it resets)."""
+        return np.minimum(self.pos, self.end - 1)
+
     def _obs(self) -> dict:
-        C = self.cfg.context
-        window = self.pos[:, None] + np.arange(C + 1)[None]  # rows of feat_* are shifted by C
-        take = np.arange(self.num_envs)[:, None]
-        return {"indices": self.feat_idx[take, window].copy(), "values": self.feat_val[take, window].copy()}
+        pos = self._shown()
+        take = np.arange(self.num_envs)
+        if not self.from_bos:
+            row = (pos - self.first)[:, None]
+            return {"indices": self.feat_idx[take[:, None], row], "values": self.feat_val[take[:, None], row],
+                    "length": np.ones(self.num_envs, np.int64), "sequence": self.sequence.copy()}
+        filled = (np.arange(self.span)[None] <= pos[:, None])[..., None]  # rows after t are padding
+        return {"indices": self.feat_idx * filled, "values": self.feat_val * filled, "length": pos + 1,
+                "sequence": self.sequence.copy()}
+
+    def teacher_targets(self) -> dict:
+        pos, take = self._shown(), np.arange(self.num_envs)
+        return {"teacher_ids": self.top_ids[take, pos].astype(np.int32), "teacher_logp": self.top_logp[take, pos],
+                "teacher_rest": self.rest[take, pos]}
 
     def step(self, actions: np.ndarray, skip: np.ndarray | None = None):
         live = np.flatnonzero(~skip) if skip is not None else np.arange(self.num_envs)
@@ -91,8 +125,8 @@ class TokenEngine(Engine):
                 reference = torch.from_numpy(self.next_ids[live, pos])
             else:
                 reference = top_ids[:, 0]
-            C = self.cfg.context
-            r_live, parts = self.reward(actions[live], logp, self.feat_idx[live, pos + C], self.feat_val[live, pos + C],
+            row = pos - self.first[live]
+            r_live, parts = self.reward(actions[live], logp, self.feat_idx[live, row], self.feat_val[live, row],
                                         (a == reference).numpy())
             rewards[live] = r_live
             info = {k: np.zeros(self.num_envs, np.float32) for k in parts}
@@ -102,16 +136,7 @@ class TokenEngine(Engine):
         terminated = self.pos >= self.end
         if skip is not None:
             terminated &= ~skip
-        obs = self._obs_safe()
-        return obs, rewards, terminated, np.zeros(self.num_envs, bool), info
-
-    def _obs_safe(self) -> dict:
-        """Observations after a step; finished rows show their last position (they reset on the next step)."""
-        pos = self.pos.copy()
-        self.pos = np.minimum(self.pos, self.end - 1)
-        obs = self._obs()
-        self.pos = pos
-        return obs
+        return self._obs(), rewards, terminated, np.zeros(self.num_envs, bool), info
 
 
 def make_token_env(cfg: EnvConfig, frozen=None) -> SingleEnv:

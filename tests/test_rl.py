@@ -36,23 +36,48 @@ def rl_setup(sharp_model_dir, tmp_path_factory):
 
 def _env_cfg(s, **kw):
     return EnvConfig(**{"model": s["model"], "dtype": "fp32", "layer": 2, "sae": s["sae"], "cache": s["cache"],
-                        "window": 4, "context": 2, "max_new_tokens": 4, **kw})
+                        "window": 4, "context": 0, "max_new_tokens": 4, **kw})
 
 
-@pytest.mark.parametrize("kind", ["token", "generation"])
-def test_check_env_passes(kind, rl_setup):
+@pytest.mark.parametrize("kind,context,rows", [("token", 0, 1), ("token", 4, 5), ("generation", 0, 1),
+                                               ("generation", 40, 41)])
+def test_check_env_passes(kind, context, rows, rl_setup):
     from rl_env.generation_env import make_generation_env
     from rl_env.token_env import make_token_env
 
     make = make_token_env if kind == "token" else make_generation_env
-    env = make(_env_cfg(rl_setup, env=kind), frozen=rl_setup["frozen"])
+    env = make(_env_cfg(rl_setup, env=kind, context=context), frozen=rl_setup["frozen"])
     check_env(env, skip_render_check=True)
-    obs, _ = env.reset(seed=0)
-    assert obs["indices"].shape == (3, 8) and obs["values"].dtype == np.float32
+    obs, info = env.reset(seed=0)
+    assert obs["indices"].shape == (rows, 8) and obs["values"].dtype == np.float32
+    assert info["teacher_ids"].shape == info["teacher_logp"].shape and np.isfinite(info["teacher_rest"])
     _, reward, _, _, info = env.step(5)
-    assert {"r_faith", "r_mono", "r_task", "alpha", "beta", "gamma"} <= set(info)
+    assert {"r_faith", "r_mono", "r_task", "alpha", "beta", "gamma", "entropy_alpha", "anchor_lambda"} <= set(info)
     expected = info["alpha"] * info["r_faith"] + info["beta"] * info["r_mono"] + info["gamma"] * info["r_task"]
     assert reward == pytest.approx(expected, rel=1e-5)
+
+
+def test_context_observations_are_the_sequence_from_bos_and_the_teacher_is_at_its_position(rl_setup):
+    """A context decoder's episode is positions 1..window: each observation holds rows 0..t of the cached
+    sequence's features (the rest zero), and its info the cached teacher targets at t."""
+    from corpus.cache import ActivationCache
+    from rl_env.token_env import TokenEngine
+
+    engine = TokenEngine(_env_cfg(rl_setup, context=4), 2, frozen=rl_setup["frozen"])
+    obs = engine.reset_all(seed=3)
+    cache = ActivationCache.open(engine.cache.root, verify=False)
+    for t in range(1, 5):
+        assert (obs["length"] == t + 1).all()
+        info = engine.obs_info()
+        for r in range(2):
+            shard, row = int(obs["sequence"][r]) >> 32, int(obs["sequence"][r]) & 0xFFFFFFFF
+            data = cache.shard(shard)
+            idx, val = engine.encode(data["resid.2"][row, : t + 1])
+            np.testing.assert_array_equal(obs["indices"][r, : t + 1], idx)
+            np.testing.assert_allclose(obs["values"][r, : t + 1], val)
+            assert not obs["values"][r, t + 1 :].any()  # no future features
+            np.testing.assert_array_equal(info["teacher_ids"][r], data["teacher.topk_ids"][row, t].numpy())
+        obs, *_ = engine.step(np.array([1, 2]))
 
 
 def test_vector_env_autoresets_on_the_step_after_an_episode_ends(rl_setup):
@@ -60,7 +85,7 @@ def test_vector_env_autoresets_on_the_step_after_an_episode_ends(rl_setup):
 
     env = make_token_vec_env(_env_cfg(rl_setup), num_envs=3, frozen=rl_setup["frozen"])
     obs, _ = env.reset(seed=1)
-    assert obs["indices"].shape == (3, 3, 8)
+    assert obs["indices"].shape == (3, 1, 8)
     for _ in range(3):
         _, rewards, terminated, _, _ = env.step(np.array([1, 2, 3]))
         assert not terminated.any() and (rewards != 0).all()
@@ -239,12 +264,15 @@ def test_policy_module_shapes_value_head_and_export_round_trip(rl_setup, tmp_pat
     from models.policy import DecoderPolicy
 
     frozen = rl_setup["frozen"]
-    obs_space = gym.spaces.Dict({"indices": gym.spaces.Box(0, 63, (3, 8), np.int64),
-                                 "values": gym.spaces.Box(0, np.inf, (3, 8), np.float32)})
+    obs_space = gym.spaces.Dict({"indices": gym.spaces.Box(0, 63, (1, 8), np.int32),
+                                 "values": gym.spaces.Box(0, np.inf, (1, 8), np.float32),
+                                 "length": gym.spaces.Box(1, 1, (), np.int64),
+                                 "sequence": gym.spaces.Box(0, 2**40, (), np.int64)})
     module = DecoderPolicy(observation_space=obs_space, action_space=gym.spaces.Discrete(frozen.vocab_size),
                            model_config={"decoder": str(rl_setup["decoder"] / "decoder"), "model": rl_setup["model"],
                                          "dtype": "fp32"})
-    batch = {Columns.OBS: {"indices": torch.randint(0, 64, (5, 3, 8)), "values": torch.rand(5, 3, 8)}}
+    batch = {Columns.OBS: {"indices": torch.randint(0, 64, (5, 1, 8), dtype=torch.int32), "values": torch.rand(5, 1, 8),
+                           "length": torch.ones(5, dtype=torch.long), "sequence": torch.arange(5)}}
     explore = module.forward_exploration(batch)
     assert set(explore) == {Columns.ACTIONS, Columns.ACTION_LOGP}  # no 49k-wide logits per step
     assert explore[Columns.ACTIONS].shape == (5,) and (explore[Columns.ACTION_LOGP] <= 0).all()
@@ -260,3 +288,115 @@ def test_policy_module_shapes_value_head_and_export_round_trip(rl_setup, tmp_pat
     idx, val = batch[Columns.OBS]["indices"][:, -1], batch[Columns.OBS]["values"][:, -1]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(idx, val), module.logits(batch[Columns.OBS]))
+
+
+@pytest.fixture(scope="module")
+def context_decoder(rl_setup):
+    """A context decoder (blocks copied from the tiny model's upper layers) with its folder."""
+    from distill.student import build_student_decoder
+    from sae.model import SparseAutoencoder
+
+    decoder = build_student_decoder("context", SparseAutoencoder.load(rl_setup["sae"]), rl_setup["frozen"], 2, n_layers=1)
+    folder = rl_setup["root"] / "dec_ctx"
+    decoder.save(folder / "decoder", extra={"layer": 2, "model": rl_setup["model"], "sae": rl_setup["sae"],
+                                            "data": "builtin:tasks"})
+    return folder
+
+
+def _policy(rl_setup, folder, env):
+    from models.policy import DecoderPolicy
+
+    return DecoderPolicy(observation_space=env.single_observation_space, action_space=env.single_action_space,
+                         model_config={"decoder": str(folder / "decoder"), "model": rl_setup["model"], "dtype": "fp32"})
+
+
+def test_token_env_logits_of_a_context_decoder_equal_decoder_evals(rl_setup, context_decoder, monkeypatch):
+    """What PPO optimises is what `decoder eval` measures: the policy's logits at the env's position t equal the
+    decoder's logits at t of the whole cached sequence from BOS (as eval runs it); the learner's one-forward-per-
+    sequence path gives the same logits."""
+    from ray.rllib.core.columns import Columns
+
+    from corpus.cache import ActivationCache
+    from distill.student import sae_features
+    from rl_env.token_env import make_token_vec_env
+
+    monkeypatch.setattr("models.decoder_context.fast_bf16", lambda device: False)  # bf16 rounds by sequence length
+    env = make_token_vec_env(_env_cfg(rl_setup, window=6, context=6), num_envs=3, frozen=rl_setup["frozen"])
+    module = _policy(rl_setup, context_decoder, env)
+    obs, _ = env.reset(seed=2)
+    steps = []
+    for _ in range(4):
+        steps.append({k: torch.as_tensor(v) for k, v in obs.items()})
+        obs, *_ = env.step(np.array([1, 2, 3]))
+    cache = ActivationCache.open(env.engine.cache.root, verify=False)
+    with torch.no_grad():
+        for step in steps:
+            logits = module.logits(step)
+            for r in range(3):
+                seq = int(step["sequence"][r])
+                resid = cache.shard(seq >> 32)["resid.2"][seq & 0xFFFFFFFF][None].float()
+                full = module.decoder(*sae_features(env.engine.sae, resid))[0]  # every position, from BOS
+                t = int(step["length"][r]) - 1
+                torch.testing.assert_close(logits[r], full[t], atol=2e-4, rtol=1e-4)
+        batch = {k: torch.cat([s[k] for s in steps]) for k in steps[0]}
+        torch.testing.assert_close(module.train_logits(batch), module.logits(batch), atol=2e-4, rtol=1e-4)
+        explore = module.forward_exploration({Columns.OBS: steps[0]})
+        assert explore[Columns.ACTIONS].shape == (3,)
+
+
+def test_generation_episodes_end_terminated_at_the_tasks_end(rl_setup):
+    """An answer cut at max_new_tokens is checked and paid like any other: the episode is over (terminated),
+    not truncated, so GAE has nothing to bootstrap from."""
+    from rl_env.generation_env import GenerationEngine
+
+    engine = GenerationEngine(_env_cfg(rl_setup, env="generation", max_new_tokens=2, context=40), 2,
+                              frozen=rl_setup["frozen"])
+    engine.reset_all(seed=0)
+    tok = engine.tok
+    plain = [i for i in range(5, 200) if i != engine.frozen.eos_token_id and "\n" not in tok.decode([i])][:2]
+    start = engine.length.copy()
+    _, _, terminated, truncated, _ = engine.step(np.array(plain))
+    assert not terminated.any() and not truncated.any()
+    obs = engine._obs()
+    assert (obs["length"] == start + 1).all()
+    _, _, terminated, truncated, _ = engine.step(np.array(plain))
+    assert terminated.all() and not truncated.any()
+
+
+def test_entropy_reward_follows_alpha_per_step():
+    from ray.rllib.core.columns import Columns
+
+    from rl_env.learner import EntropyReward
+
+    batch = {"p": {Columns.REWARDS: torch.tensor([1.0, 1.0, 1.0]), Columns.ACTION_LOGP: torch.tensor([-2.0, -2.0, -1.0]),
+                   "entropy_alpha": torch.tensor([0.5, 0.25, 0.0])}}
+    out = EntropyReward(2.0)(rl_module=None, batch=batch, episodes=[])
+    torch.testing.assert_close(out["p"][Columns.REWARDS], torch.tensor([1.0 + 2.0, 1.0 + 1.0, 1.0]))
+
+
+def test_anchor_weights_per_phase():
+    from models.errors import ConfigError
+    from rl_env.config import anchor_weights
+
+    assert anchor_weights("0.5", 3) == [0.5, 0.5, 0.5] and anchor_weights("0,1,2", 3) == [0.0, 1.0, 2.0]
+    schedule = RewardSchedule(parse_phases("1:1/0/0,1:0/1/0"), 100, tuple(anchor_weights("0,2", 2)))
+    assert schedule.anchor_weight(10) == 0.0 and schedule.anchor_weight(60) == 2.0
+    for bad in ("0,1", "-1", "x"):
+        with pytest.raises(ConfigError, match="--anchor-kl"):
+            anchor_weights(bad, 3)
+
+
+def test_the_anchor_keeps_held_out_kl_where_monosemanticity_alone_raises_it(rl_setup):
+    """β-only reward (r_mono) moves the policy away from the frozen model; λ·KL(p_frozen ‖ π) in the loss holds it."""
+    root = rl_setup["root"]
+    assert _ppo(rl_setup, root / "ppo_mono", "--steps", "1024", "--phases", "1:0/1/0", "--lr", "3e-3") == 0
+    assert _ppo(rl_setup, root / "ppo_mono_anchor", "--steps", "1024", "--phases", "1:0/1/0", "--lr", "3e-3",
+                "--anchor-kl", "1") == 0
+    free = json.loads((root / "ppo_mono" / "metrics.json").read_text())
+    held = json.loads((root / "ppo_mono_anchor" / "metrics.json").read_text())
+    assert free["after"]["kl"] > free["before"]["kl"] + 0.05
+    assert held["after"]["kl"] <= held["before"]["kl"] + 0.01
+    for m in (free, held):
+        assert {"kl", "top1", "next_token_acc", "top10_share", "task_acc"} <= set(m["before"]) & set(m["after"])
+    history = json.loads((root / "ppo_mono_anchor" / "history.json").read_text())
+    assert all("ppo/anchor_kl" in row for row in history)
