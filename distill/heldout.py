@@ -24,11 +24,13 @@ class HeldOut:
                  split: str = "eval"):
         eval_cfg = pick(cfg, CorpusConfig, split=split, tokens=eval_tokens)
         seqs = list(sequences(eval_cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
-        self.batches, self.ids = [], []
+        self.batches, self.ids, self.next_ids = [], [], []
         for start in range(0, len(seqs), batch_size):
-            ids = torch.from_numpy(np.stack([p.tokens for p in seqs[start : start + batch_size]]))
+            chunk = seqs[start : start + batch_size]
+            ids = torch.from_numpy(np.stack([p.tokens for p in chunk]))
             logits, store = frozen.forward(ids, [layer])
             self.ids.append(ids)
+            self.next_ids.append(torch.from_numpy(np.stack([p.next_ids for p in chunk])).long())
             # bf16 log-probs keep the sample small (~0.1 nat/token of rounding on tiny probabilities only)
             self.batches.append((store[layer].float(), logits[:, 1:].float().log_softmax(-1).to(torch.bfloat16)))
         self.tokens = sum(t.shape[0] * t.shape[1] for _, t in self.batches)
@@ -42,14 +44,15 @@ class HeldOut:
         kl = kl_reverse = top1 = correct = 0.0
         was_training = student.training
         student.eval()
-        for (resid, teacher_logp), ids in zip(self.batches, self.ids):
+        for (resid, teacher_logp), next_ids in zip(self.batches, self.next_ids):
             logits = student_logits(student, sae, resid)
             teacher = teacher_logp.flatten(0, 1).float()
             kl += kl_full(teacher, logits).sum().item()
             # KL(p_student ‖ p_frozen): what the RL reward r_faith − log π(a) optimises in expectation
             kl_reverse += kl_full(logits.float().log_softmax(-1), teacher).sum().item()
             top1 += (logits.argmax(-1) == teacher.argmax(-1)).sum().item()
-            correct += next_token_accuracy(logits, ids[:, 1:].flatten()) * logits.shape[0]
+            # position t predicts the token at t + 1
+            correct += next_token_accuracy(logits, next_ids[:, 1:].flatten()) * logits.shape[0]
         out = {"kl": kl / self.tokens, "kl_reverse": kl_reverse / self.tokens, "top1": top1 / self.tokens,
                "next_token_acc": correct / self.tokens}
         if share_predictions and sae is not None:
@@ -58,14 +61,17 @@ class HeldOut:
         return out
 
     def top10_share(self, decoder, sae: SparseAutoencoder, n: int, seed: int = 0) -> float:
-        """Mean top-10 share of |attribution| per prediction (the design's "top-10 features explain 30%")."""
-        rng = np.random.default_rng(seed)
-        batch_of = rng.integers(len(self.batches), size=n)
+        """Mean top-10 share of |attribution| per prediction (the design's "top-10 features explain 30%"), over n
+        predictions drawn uniformly without replacement from the sample."""
+        sizes = [resid.shape[0] * (resid.shape[1] - 1) for resid, _ in self.batches]  # scored predictions per batch
+        picks = np.random.default_rng(seed).choice(sum(sizes), size=min(n, sum(sizes)), replace=False)
+        starts = np.cumsum([0, *sizes])
         shares = []
-        for i in np.unique(batch_of):
-            resid = self.batches[i][0]
-            B, T = resid.shape[:2]
-            positions = [(int(rng.integers(B)), int(rng.integers(1, T))) for _ in range(int((batch_of == i).sum()))]
+        for i, (resid, _) in enumerate(self.batches):
+            mine = picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]
+            if not len(mine):
+                continue
+            T = resid.shape[1] - 1
             indices, values = sae_features(sae, resid)
-            shares += prediction_top_shares(decoder, indices, values, positions)
+            shares += prediction_top_shares(decoder, indices, values, [(int(p // T), int(p % T) + 1) for p in sorted(mine)])
         return float(np.mean(shares))

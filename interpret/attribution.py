@@ -73,9 +73,9 @@ def prediction_top_shares(decoder, indices_BTK: Tensor, values_BTK: Tensor, posi
         idx = indices_BTK[b : b + 1, first : t + 1]
         values = values_BTK[b : b + 1, first : t + 1].detach().float().clone().requires_grad_(True)
         with torch.enable_grad():
-            logp = decoder(idx, values)[0, -1].float().log_softmax(-1)
-            logp[logp.argmax()].backward()
-        attr = values.detach() * values.grad
+            logp = decoder.last_logits(idx, values)[0].float().log_softmax(-1)
+            (grad,) = torch.autograd.grad(logp[logp.argmax()], values)  # the decoder's own .grad stays untouched
+        attr = values.detach() * grad
         if first == 0:
             attr[:, 0] = 0  # BOS
         shares.append(top_share(per_feature(idx, attr, F_), k))

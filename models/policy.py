@@ -57,14 +57,16 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
         if not self.decoder.needs_context:
             return self.logits(obs)
         length = obs["length"].long()
+        device = length.device
         _, group = torch.unique(obs["sequence"], return_inverse=True)
-        longest = torch.full((int(group.max()) + 1,), -1, dtype=torch.long).scatter_reduce(0, group, length, "amax")
-        order = torch.arange(len(length))
-        # for each sequence, one step with its longest prefix
+        longest = torch.full((int(group.max()) + 1,), -1, dtype=torch.long, device=device).scatter_reduce(
+            0, group, length, "amax")
+        order = torch.arange(len(length), device=device)
+        # for each sequence, one step with its longest prefix; all R rows are run, as in sampling, so that
+        # reduced-precision kernels see the same shapes and the PPO ratio starts at 1
         representative = torch.full_like(longest, -1).scatter_reduce(0, group, torch.where(length == longest[group], order, -1),
                                                                      "amax")
-        R = int(longest.max())
-        hidden = self.decoder.hidden(obs["indices"][representative, :R].long(), obs["values"][representative, :R].float())
+        hidden = self.decoder.hidden(obs["indices"][representative].long(), obs["values"][representative].float())
         return self.decoder.readout(hidden[group, length - 1])
 
     @override(TorchRLModule)
@@ -87,7 +89,8 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
     # -- the value function ----------------------------------------------------------------
     def _value_features(self, obs: dict) -> torch.Tensor:
         """The value head reads the features of the step's own position (row length − 1)."""
-        rows, last = torch.arange(len(obs["length"])), obs["length"].long() - 1
+        last = obs["length"].long() - 1
+        rows = torch.arange(len(last), device=last.device)
         return F.embedding_bag(obs["indices"][rows, last].long(), self.value_embed,
                                per_sample_weights=obs["values"][rows, last].float(), mode="sum")
 

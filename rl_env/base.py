@@ -47,7 +47,7 @@ class Engine(ABC):
             "indices": gym.spaces.Box(0, self.sae.cfg.num_latents - 1, (rows, self.width), np.int32),
             "values": gym.spaces.Box(0.0, np.inf, (rows, self.width), np.float32),
             "length": gym.spaces.Box(1, rows, (), np.int64),
-            "sequence": gym.spaces.Box(0, np.iinfo(np.int64).max, (), np.int64),
+            "sequence": gym.spaces.Box(0, 2**62, (), np.int64),
         })
         self.single_action_space = gym.spaces.Discrete(self.vocab)
         self._reset_stats()
@@ -105,10 +105,12 @@ class Engine(ABC):
         distribution at its position (top-k ids and log-probs + the log of the rest mass) and the weights
         of the step taken from it (`entropy_alpha`: α for the entropy reward; `anchor_lambda`: λ of the
         forward-KL anchor)."""
-        alpha = self.schedule.weights(self.steps)[0]
+        alpha, anchor = self.schedule.weights(self.steps)[0], self.schedule.anchor_weight(self.steps)
+        if self.cfg.random_reward:  # the baseline learns from noise only: no entropy reward, no anchor
+            alpha = anchor = 0.0
         n = self.num_envs
         return {**self.teacher_targets(), "entropy_alpha": np.full(n, alpha, np.float32),
-                "anchor_lambda": np.full(n, self.schedule.anchor_weight(self.steps), np.float32)}
+                "anchor_lambda": np.full(n, anchor, np.float32)}
 
     @abstractmethod
     def teacher_targets(self) -> dict:

@@ -68,6 +68,8 @@ class EntropyReward(ConnectorV2):
         for module_batch in batch.values():
             if Columns.REWARDS in module_batch and Columns.ACTION_LOGP in module_batch:
                 scale = self.coefficient * module_batch["entropy_alpha"]
+                if Columns.LOSS_MASK in module_batch:  # the artificial bootstrap step earns nothing
+                    scale = scale * module_batch[Columns.LOSS_MASK]
                 module_batch[Columns.REWARDS] = module_batch[Columns.REWARDS] - scale * module_batch[Columns.ACTION_LOGP]
         return batch
 

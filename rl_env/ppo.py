@@ -250,6 +250,8 @@ class PpoTrial:
         stats = [s for s in engines_call(self.algo, lambda e: e.pop_stats()) if s["steps"]]
         sampled = sum(s["steps"] for s in stats)
         self.env_steps += sampled
+        total = self.env_steps  # every engine's phase follows the run's step count, whatever the number of runners
+        engines_call(self.algo, lambda e: setattr(e, "steps", total))
         row = {"iteration": self.iteration, "env_steps": self.env_steps, **_learner_stats(result)}
         for key in ("reward", "r_faith", "r_mono", "r_task", "features_needed", "alpha", "beta", "gamma", "phase"):
             if stats:

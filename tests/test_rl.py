@@ -400,3 +400,41 @@ def test_the_anchor_keeps_held_out_kl_where_monosemanticity_alone_raises_it(rl_s
         assert {"kl", "top1", "next_token_acc", "top10_share", "task_acc"} <= set(m["before"]) & set(m["after"])
     history = json.loads((root / "ppo_mono_anchor" / "history.json").read_text())
     assert all("ppo/anchor_kl" in row for row in history)
+
+
+def test_held_out_next_token_accuracy_scores_the_following_token(rl_setup):
+    """Position t predicts the token at t + 1: an oracle of the next tokens scores 1, one that copies the current
+    token scores what copying earns (not 1)."""
+    from torch import nn
+
+    from corpus.config import CorpusConfig
+    from distill.heldout import HeldOut
+    from sae.model import SparseAutoencoder
+
+    frozen = rl_setup["frozen"]
+    held = HeldOut(CorpusConfig(data="builtin:tasks", seq_len=32), frozen, 2, 256)
+
+    class Replay(nn.Module):
+        def __init__(self, targets):
+            super().__init__()
+            self.targets = targets
+
+        def forward(self, indices, values, first=0):
+            return torch.nn.functional.one_hot(next(self.targets)[:, first:], frozen.vocab_size).float() * 10
+
+    sae = SparseAutoencoder.load(rl_setup["sae"])
+    assert held.measure(Replay(iter(held.next_ids)), sae)["next_token_acc"] == 1.0
+    copying = held.measure(Replay(iter(held.ids)), sae)["next_token_acc"]
+    assert copying < 0.5
+
+
+def test_random_reward_baseline_sends_no_entropy_reward_and_no_anchor(rl_setup):
+    from rl_env.token_env import TokenEngine
+
+    engine = TokenEngine(_env_cfg(rl_setup, anchor_kl="1", entropy_reward=1.0), 2, frozen=rl_setup["frozen"])
+    engine.reset_all(seed=0)
+    assert (engine.obs_info()["anchor_lambda"] == 1).all() and (engine.obs_info()["entropy_alpha"] > 0).all()
+    noise = TokenEngine(_env_cfg(rl_setup, anchor_kl="1", entropy_reward=1.0, random_reward=True), 2,
+                        frozen=rl_setup["frozen"])
+    noise.reset_all(seed=0)
+    assert not noise.obs_info()["anchor_lambda"].any() and not noise.obs_info()["entropy_alpha"].any()
