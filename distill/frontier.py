@@ -243,10 +243,10 @@ def _trainable_parameters(weights: Path) -> int:
 
 
 # -- reading the cells ---------------------------------------------------------------------------
-def extrapolate(curve: list[dict], target: float) -> float | None:
-    """Tokens at which a log-linear fit KL = a + b·ln(tokens) over the curve's second half reaches `target`
-    (None: the curve is not falling)."""
-    points = [(p["tokens"], p["kl"]) for p in curve if p["tokens"] > 0]
+def extrapolate(curve: list[dict], target: float, key: str = "kl") -> float | None:
+    """Tokens at which a log-linear fit y = a + b·ln(tokens) of `key` (kl falling, top1 rising) over the
+    curve's second half reaches `target` (None: the curve is not moving towards it)."""
+    points = [(p["tokens"], p[key]) for p in curve if p["tokens"] > 0]
     points = points[len(points) // 2 :]
     if len(points) < 2:
         return None
@@ -254,7 +254,7 @@ def extrapolate(curve: list[dict], target: float) -> float | None:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    if slope >= 0:
+    if slope == 0 or (slope > 0) != (key == "top1"):
         return None
     return math.exp(mx + (target - my) / slope)
 
@@ -299,8 +299,11 @@ def verdict(results: list[dict], main_layer: int) -> dict:
                 "flops_share_of_upper_model": best["flops_share_of_upper_model"]}
     gaps = []
     for r in sorted(main, key=lambda r: r["kl"]):
-        gaps.append({"name": r["name"], "kl": r["kl"], "top1": r["top1"],
-                     "tokens_to_target_kl": extrapolate(r["curve"], TARGET_KL)})
+        gaps.append({"name": r["name"], "kl": r["kl"], "top1": r["top1"], "kl_met": r["kl"] < TARGET_KL,
+                     "top1_met": r["top1"] > TARGET_TOP1,
+                     "tokens_to_target_kl": None if r["kl"] < TARGET_KL else extrapolate(r["curve"], TARGET_KL),
+                     "tokens_to_target_top1": None if r["top1"] > TARGET_TOP1 else extrapolate(r["curve"], TARGET_TOP1,
+                                                                                               "top1")})
     return {"met": False, "closest": gaps[0]["name"] if gaps else None, "decoders": gaps}
 
 
@@ -365,7 +368,14 @@ def frontier_table(report: dict) -> str:
                      f"top-1 {v['top1']:.1%}, {v['flops_share_of_upper_model']:.0%} of the upper model's FLOPs)")
         return "\n".join(lines)
     lines.append(f"\nNo decoder at layer {report['main_layer']} reached {goal} (the design's targets).")
+    def need(g: dict, key: str, target: str) -> str:
+        if g[f"{key}_met"]:
+            return f"{target} met"
+        tokens = g[f"tokens_to_target_{key}"]
+        return f"{target} at {tokens:,.0f} tokens" if tokens else f"{target}: curve not moving towards it"
+
+    lines.append("(tokens by each curve's log-linear trend over its second half: an extrapolation, optimistic for short curves)")
     for g in v["decoders"]:
-        need = f"{g['tokens_to_target_kl']:,.0f} tokens by its curve's log-linear trend" if g["tokens_to_target_kl"] else "not falling"
-        lines.append(f"- {g['name']}: KL {g['kl']:.3f}, top-1 {g['top1']:.1%}; KL {TARGET_KL} at {need}")
+        lines.append(f"- {g['name']}: KL {g['kl']:.3f}, top-1 {g['top1']:.1%}; {need(g, 'kl', f'KL < {TARGET_KL}')}; "
+                     f"{need(g, 'top1', f'top-1 > {TARGET_TOP1:.0%}')}")
     return "\n".join(lines)

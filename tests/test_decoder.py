@@ -513,6 +513,9 @@ def test_frontier_extrapolates_a_falling_curve_and_costs_blocks_against_the_mode
     curve = [{"tokens": t, "kl": 2.0 - 0.1 * math.log2(t / 1000)} for t in (1000, 2000, 4000, 8000)]
     assert extrapolate(curve, 1.5) == pytest.approx(32_000, rel=1e-6)  # 0.1 nats per doubling
     assert extrapolate([{"tokens": 1, "kl": 1.0}, {"tokens": 2, "kl": 1.1}], 0.5) is None
+    rising = [{"tokens": t, "top1": 0.5 + 0.02 * math.log2(t / 1000)} for t in (1000, 2000, 4000, 8000)]
+    assert extrapolate(rising, 0.6, "top1") == pytest.approx(32_000, rel=1e-6)  # 2 points per doubling
+    assert extrapolate([{"tokens": 1, "top1": 0.6}, {"tokens": 2, "top1": 0.5}], 0.75, "top1") is None
     model = {"hidden_size": 8, "vocab_size": 100, "num_attention_heads": 2, "num_key_value_heads": 2,
              "intermediate_size": 16, "num_hidden_layers": 6}
     every = cell_cost({"arch": "context", "n_layers": 4}, model, 2, 0, 2)
