@@ -58,7 +58,7 @@ class TeacherColumns(ConnectorV2):
 
 
 class EntropyReward(ConnectorV2):
-    """reward ← reward − c·α_t·log π(a_t), per step, before GAE (the artificial bootstrap step is masked anyway)."""
+    """reward ← reward − c·α_t·log π(a_t), per step, before GAE (nothing on the artificial bootstrap step)."""
 
     def __init__(self, coefficient: float, **kwargs):
         super().__init__(**kwargs)
@@ -110,14 +110,12 @@ class SlimPPOLearner(PPOTorchLearner):
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
         total = mean(-surrogate + config.vf_loss_coeff * vf_loss_clipped - entropy_coeff * entropy)
         lam = batch["anchor_lambda"].float()
-        if bool((lam > 0).any()):
-            anchor = kl_topk(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"],
-                             fwd_out[Columns.ACTION_DIST_INPUTS])
+        anchored = bool((lam > 0).any())  # with λ = 0 everywhere the anchor KL is only logged, without gradient
+        logits = fwd_out[Columns.ACTION_DIST_INPUTS]
+        anchor = kl_topk(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"],
+                         logits if anchored else logits.detach())
+        if anchored:
             total = total + mean(lam * anchor)
-        else:
-            with torch.no_grad():
-                anchor = kl_topk(batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"],
-                                 fwd_out[Columns.ACTION_DIST_INPUTS].detach())
         self.metrics.log_dict({
             ANCHOR_KL_KEY: mean(anchor.detach()),
             POLICY_LOSS_KEY: -mean(surrogate), VF_LOSS_KEY: mean(vf_loss_clipped),

@@ -18,13 +18,13 @@ import torch
 
 from benchmarks.lens_vs_tuned_lens.config import REPO, BenchDirs, BenchError, CompareConfig, TokenPlan
 from benchmarks.sae_vs_sparsify.train import _train_seconds_from_tensorboard, only_cache
+from benchmarks.sae_vs_sparsify.train import model_folder as sparsify_model_folder
 from distill.config import DEFAULT_LR, LensTrainConfig
 from distill.data import TokenBatches
 from distill.teacher import TOKENS_FILE, load_training_tokens
 from distill.train import DistillTrainer
-from models.errors import ConfigError
 from models.io import write_json_atomic
-from models.loading import embedded_model_dir, resolve_dtype
+from models.loading import resolve_dtype
 from training.config import to_record
 from training.layout import RunLayout
 
@@ -62,11 +62,7 @@ def ensure_tuned_lens_venv(venv: Path) -> Path:
 
 def model_folder(model: str) -> Path:
     """The local HF folder both tools load (tuned-lens gets no hub here)."""
-    if model.startswith("embedded:"):
-        return embedded_model_dir(model.removeprefix("embedded:"))  # already a dequantised HF folder
-    if Path(model).expanduser().is_dir():
-        return Path(model).expanduser().resolve()
-    raise ConfigError(f"--model: tuned-lens loads a local folder here; give a local HF folder or an embedded model, got {model!r}")
+    return sparsify_model_folder(model, "tuned-lens")
 
 
 # -- measured subprocesses --------------------------------------------------------------------------

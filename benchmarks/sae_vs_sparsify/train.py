@@ -73,12 +73,13 @@ def save_dataset(ids_ST: np.ndarray, path: Path) -> None:
     Dataset.from_dict({"input_ids": ids_ST.tolist()}).save_to_disk(str(path))
 
 
-def model_folder(model: str) -> Path:
+def model_folder(model: str, tool: str = "sparsify") -> Path:
+    """The local HF folder a peer tool loads (no hub here): an embedded model's dequantised folder or a local one."""
     if model.startswith("embedded:"):
         return embedded_model_dir(model.removeprefix("embedded:"))  # already a dequantised HF folder
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser().resolve()
-    raise ConfigError(f"--model: sparsify needs a local HF folder or an embedded model, got {model!r}")
+    raise ConfigError(f"--model: {tool} loads a local folder here; give a local HF folder or an embedded model, got {model!r}")
 
 
 # -- 3 and 4. the two trainings ------------------------------------------------------------------
