@@ -50,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "features label": ("interpret.labels", "interpret.label_config:LabelConfig", "run_label",
                        "Label the most important features (local LLM, OpenAI-compatible endpoint, or statistics)."),
     "features score": ("interpret.scoring", "interpret.label_config:ScoreConfig", "run_score",
-                       "Score labels: detection, fuzzing (simulated) and embedding balanced accuracy."),
+                       "Score labels: detection, fuzzing and embedding AUROC on held-out contexts, against a shuffled-label control."),
     "features review": ("interpret.review", "interpret.label_config:ReviewConfig", "run_review",
                         "Review labels by hand in the terminal (scores 0-1 stored beside the automatic ones)."),
     "features cluster": ("interpret.cluster", "interpret.config:ClusterConfig", "run_cluster",

@@ -119,13 +119,13 @@ def _trace_panel(expl: Explanation) -> Panel:
 def _interpretation_panel(expl: Explanation) -> Panel:
     table = Table(expand=True, box=None, header_style="bold")
     for name, justify in [("#", "right"), ("feature", "right"), ("label", "left"), ("act", "right"),
-                          ("attr", "right"), ("share", "right"), ("detect", "right")]:
+                          ("attr", "right"), ("share", "right"), ("det. AUROC", "right")]:
         table.add_column(name, justify=justify, ratio=4 if name == "label" else None)
     for rank, f in enumerate(expl.features[:TERMINAL_FEATURES], 1):
         attr = _finite(f.attribution) or 0.0
         colour = "green" if attr >= 0 else "red"
         table.add_row(str(rank), _e(f.id), _label(f.label), _num(f.activation), f"[{colour}]{attr:+.3f}[/]",
-                      _pct(f.share), _num(f.label_scores.get("detection")))
+                      _pct(f.share), _num(f.label_scores.get("detection_auroc")))
     texts = [f"[bold]{EXPLANATION_TITLES[k]}:[/] {_e(v)}" for k, v in expl.explanations.to_json().items() if v]
     return Panel(Group(table, "", *texts) if texts else table, title="INTERPRETATION", title_align="left")
 

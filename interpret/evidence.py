@@ -2,8 +2,14 @@
 
 For every live feature: its firing density, mean and max activation, the top-activating contexts
 (± `context` tokens), contexts sampled across its activation quantiles (from a uniform reservoir of
-its activations), contexts where it never fires, an activation histogram, and the tokens it most
-promotes / suppresses through the decoder's direct path (`Components.direct_effects`).
+its activations), negatives, an activation histogram, and the tokens it most promotes / suppresses
+through the decoder's direct path (`Components.direct_effects`).
+
+Negatives are windows, drawn at random from the same corpus, in which the feature fires nowhere in the
+shown ± `context` tokens (label scoring asks whether it fires anywhere in the text). A feature with fewer
+than `negative_examples` such windows in the pool is marked `"dense": true` in evidence.json and gets the
+pool windows where it fires least instead (the lowest decile by the window's largest activation: the pool
+holds at least 10 × `negative_examples` windows); scoring counts dense features apart.
 
 On disk (RUN/interpret/): evidence.json holds the per-feature statistics and references to token
 positions; evidence.safetensors holds the scanned tokens and every position's sparse code, from which
@@ -104,12 +110,11 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
     n_scored = S * (T - 1)
     live = (scan.fires > 0).nonzero().flatten().tolist()
     promoted, suppressed = _direct_tokens(comp, live, cfg.promoted)
-    pool = torch.randperm(n_scored, generator=torch.Generator().manual_seed(cfg.seed + 1))[: max(4 * cfg.negative_examples, 512)]
+    pool = torch.randperm(n_scored, generator=torch.Generator().manual_seed(cfg.seed + 1))[: max(10 * cfg.negative_examples, 512)]
     pool = (pool // (T - 1)) * T + pool % (T - 1) + 1  # scored positions only
     tensors = {"tokens": tokens_ST.to(torch.int32), "codes.indices": torch.cat(codes_idx), "codes.values": torch.cat(codes_val),
                "pool": pool}
-    fired_PF = _window_firing(tensors, pool, cfg.context, F_)
-    center_PF = _window_firing(tensors, pool, 0, F_)
+    window_max_PF = _window_max(tensors, pool, cfg.context, F_)
     features = {}
     for f in tqdm(live, desc="evidence examples", unit="feature", disable=not progress):
         top = [int(p) for v, p in zip(scan.top_val[f].tolist(), scan.top_pos[f].tolist()) if p >= 0 and v > 0]
@@ -120,23 +125,19 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
         nq = min(cfg.quantile_examples, len(res))
         qs = [(i + 0.5) / nq for i in range(nq)]
         quant = [[int(res[int(q * len(res))]), q] for q in qs]
-        # contexts where the feature never fires; dense features rarely have them, so fall back to
-        # contexts where it does not fire at the shown position
-        negatives = (~fired_PF[:, f]).nonzero().flatten()[: cfg.negative_examples].tolist()
-        if len(negatives) < cfg.negative_examples:
-            extra = (fired_PF[:, f] & ~center_PF[:, f]).nonzero().flatten()
-            negatives += extra[: cfg.negative_examples - len(negatives)].tolist()
+        negatives, dense = negative_windows(window_max_PF[:, f], cfg.negative_examples)
         counts, edges = np.histogram(res_vals.numpy(), bins=20, range=(0.0, float(scan.act_max[f]) or 1.0))
         features[str(f)] = {
             "feature": f, "density": scan.fires[f].item() / n_scored, "max_activation": float(scan.act_max[f]),
             "mean_activation": (scan.act_sum[f] / scan.fires[f]).item(),
-            "top": top, "quantiles": quant, "negatives": negatives,
+            "top": top, "quantiles": quant, "negatives": negatives, "dense": dense,
             "promoted": promoted[f], "suppressed": suppressed[f],
             "histogram": {"edges": [round(float(e), 5) for e in edges], "counts": counts.tolist()},
         }
     meta = {"format": "refs", "model": comp.frozen.name, "layer": comp.layer, "sae": str(comp.run.sae_dir(comp.meta.get("sae"))),
             "data": cfg.data, "split": cfg.split, "tokens": n_scored, "sequences": S, "context": cfg.context,
-            "num_latents": F_, "live": len(live), "vocab": comp.token_strings, "features": features}
+            "num_latents": F_, "live": len(live), "dense": sum(d["dense"] for d in features.values()),
+            "vocab": comp.token_strings, "features": features}
     return meta, tensors
 
 
@@ -161,18 +162,30 @@ def _acts_at(tensors: dict, pos: torch.Tensor, f: int) -> torch.Tensor:
     return (val * (idx == f)).sum(-1)
 
 
-def _window_firing(tensors: dict, pool: torch.Tensor, context: int, F_: int) -> torch.Tensor:
-    """[P, F] whether each feature fires anywhere in each pool window."""
+def _window_max(tensors: dict, pool: torch.Tensor, context: int, F_: int) -> torch.Tensor:
+    """[P, F] each feature's largest activation anywhere in each pool window (0: it fires nowhere there)."""
     T = tensors["tokens"].shape[1]
-    fired = torch.zeros(len(pool), F_, dtype=torch.bool)
+    max_PF = torch.zeros(len(pool), F_, dtype=torch.float16)
     idx = tensors["codes.indices"].flatten(0, 1)
     val = tensors["codes.values"].flatten(0, 1)
     for row, p in enumerate(pool.tolist()):
         s, t = divmod(p, T)
-        lo, hi = s * T + max(1, t - context), s * T + min(T, t + context + 1)
-        ids = idx[lo:hi][val[lo:hi] > 0].long()
-        fired[row, ids] = True
-    return fired
+        lo, hi = s * T + max(1, t - context), s * T + min(T, t + context + 1)  # the window `_window` shows
+        fires = val[lo:hi] > 0
+        max_PF[row].scatter_reduce_(0, idx[lo:hi][fires].long(), val[lo:hi][fires].half(), reduce="amax")
+    return max_PF
+
+
+def negative_windows(window_max_P: torch.Tensor, n: int) -> tuple[list[int], bool]:
+    """One feature's negatives as pool rows, and whether it is dense.
+
+    The first n rows (the pool is in random order) whose window shows no firing; a feature with fewer than
+    n such rows is dense and gets the n rows where it fires least, clean ones first.
+    """
+    clean = (window_max_P == 0).nonzero().flatten()
+    if len(clean) >= n:
+        return clean[:n].tolist(), False
+    return window_max_P.float().argsort(stable=True)[:n].tolist(), True
 
 
 def _window(tensors: dict, vocab: list[str], pos: int, f: int, context: int, quantile: float | None = None) -> Example:
@@ -216,9 +229,9 @@ class Evidence(Mapping):
         return len(self._features)
 
     def stats(self, f: int) -> dict:
-        """Density / activation statistics without building examples."""
+        """Density / activation statistics and the dense flag, without building examples."""
         d = self._features[str(int(f))]
-        return {k: d[k] for k in ("density", "max_activation", "mean_activation")}
+        return {**{k: d[k] for k in ("density", "max_activation", "mean_activation")}, "dense": bool(d.get("dense", False))}
 
 
 def save_evidence(run: InterpretRun, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -240,5 +253,5 @@ def run_evidence(cfg: EvidenceConfig) -> Evidence:
     save_evidence(run, meta, tensors)
     write_json_atomic(run.dir / "evidence_config.json", {k: str(v) for k, v in asdict(cfg).items()})
     print(f"evidence for {meta['live']:,} live features of {meta['num_latents']:,} over {meta['tokens']:,} tokens "
-          f"-> {run.evidence} (+ {TENSORS})")
+          f"({meta['dense']:,} dense: too few windows without firing) -> {run.evidence} (+ {TENSORS})")
     return Evidence(meta, tensors)

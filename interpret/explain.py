@@ -191,11 +191,14 @@ def _load_side_data(run: InterpretRun) -> tuple[dict, object, dict]:
 
         evidence = load_evidence(run)
     if run.scores.is_file():
+        from interpret.scoring import SCORE_KEYS
+
         data = json.loads(run.scores.read_text()).get("features", {})
         for f, by_backend in data.items():
             for backend in ("openai", "local", "stats"):
                 if backend in by_backend:
-                    scores[int(f)] = {k: v for k, v in by_backend[backend].items() if isinstance(v, (int, float))}
+                    scores[int(f)] = {k: by_backend[backend][k] for k in SCORE_KEYS
+                                      if isinstance(by_backend[backend].get(k), (int, float))}
                     break
     return labels, evidence, scores
 

@@ -149,7 +149,7 @@ class FeatureAttribution:
     """The position carrying most of its |attribution|."""
     peak_token: str
     label_scores: dict[str, float] = field(default_factory=dict)
-    """The best-scored backend's label scores (detection, fuzzing, ...), if the run has scores."""
+    """The label's scores (detection_auroc, detection_balanced_acc, fuzzing_auroc, embedding_auroc), if the run has scores."""
     context: FeatureContext | None = None
 
     @property

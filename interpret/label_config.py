@@ -86,7 +86,8 @@ class LabelConfig(BackendConfig):
 
 @dataclass
 class ScoreConfig(BackendConfig):
-    """Score labels: detection and fuzzing by a simulator model, embedding similarity offline."""
+    """Score labels on contexts the labeller never saw: detection and fuzzing AUROC by a simulator model, embedding
+    AUROC offline; a label is verified when its detection AUROC ≥ 0.8 beats the same labels shuffled across features."""
 
     labels: Literal["all", "local", "openai", "stats"] = "all"
     """Score the labels of this backend (all: every backend's labels found in labels.json)."""
@@ -97,11 +98,15 @@ class ScoreConfig(BackendConfig):
     simulator: Literal["local", "openai"] = "local"
     """Model that reads a label and judges contexts (detection, fuzzing)."""
 
-    n_examples: int = 10
-    """Contexts per class (activating and non-activating) per feature."""
+    n_examples: int = 11
+    """Scored contexts per class (activating and non-activating) per feature. 11 is the fewest for which a label
+    that says nothing reaches detection AUROC ≥ 0.8 with probability below 1% (0.79%, `scoring.chance_rate`)."""
+
+    n_calibration: int = 5
+    """Further contexts per class per feature, never scored, on which the balanced-accuracy threshold is chosen."""
 
     seed: int = 0
-    """Seed for sampling contexts and the fuzzing decoy marks."""
+    """Seed for splitting contexts, the shuffled-label control and the fuzzing decoy marks."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +115,8 @@ class ScoreConfig(BackendConfig):
             raise ConfigError(f"--scorers: expected a comma list of {', '.join(SCORERS)}, got {self.scorers!r}")
         if self.n_examples < 2:
             raise ConfigError(f"--n-examples: expected at least 2 contexts per class, got {self.n_examples}")
+        if self.n_calibration < 1:
+            raise ConfigError(f"--n-calibration: expected at least 1 context per class, got {self.n_calibration}")
 
     @property
     def scorer_list(self) -> list[str]:

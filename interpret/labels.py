@@ -5,6 +5,10 @@ labels.json keeps one record per (feature, backend), so labels from several back
                                           "evidence_digest", "evidence": {...}, "created"}}}}
 label_cache.json maps (backend, model, PROMPT_VERSION, examples shown, evidence digest) to a label,
 so a rerun calls the backend only for features whose evidence changed.
+
+A labeller sees a feature's first `--examples` top-activating contexts (and its promoted tokens), never its
+quantile samples or negatives; the record keeps that count (`evidence.examples`) so that scoring can hold
+out every context the label was made from (`examples_shown`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from rich.progress import Progress
 
 from interpret.label_config import LabelConfig
 from interpret.labelers import PROMPT_VERSION, Labeler, make_labeler
-from interpret.records import FeatureEvidence
+from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
 from models.errors import ConfigError
 from models.io import write_json_atomic
@@ -104,6 +108,13 @@ def load_labels(run: InterpretRun, prefer: tuple[str, ...] = LABEL_BACKENDS) -> 
                 best[fid] = by_backend[backend]["label"]
                 break
     return best
+
+
+def examples_shown(record: dict, ev: FeatureEvidence) -> list[Example]:
+    """The contexts the labeller saw for this label record: its first `evidence.examples` top examples
+    (all of them when the record does not say, so that none can leak into scoring)."""
+    shown = record.get("evidence", {}).get("examples")
+    return list(ev.top) if shown is None else list(ev.top[:int(shown)])
 
 
 def config_path(run: InterpretRun, step: str) -> Path:

@@ -3,7 +3,8 @@
 Rows (target, measured value, pass/fail): decoder faithfulness KL(p_frozen ‖ p_decoder) and top-1
 agreement, SAE sparsity (L0) and reconstruction (FVU, normalised MSE), task-accuracy degradation
 (frozen − decoder exact match, in accuracy points), feature-label coverage (share of live features
-whose best label has detection balanced accuracy ≥ 0.7), out-of-domain KL, and explanation coverage
+with a verified label: held-out detection AUROC ≥ 0.8, above the shuffled-label control, not dense;
+see interpret/scoring.py), out-of-domain KL, and explanation coverage
 (top-10 share of |attribution| per prediction, from `features importance`). Baselines beside them: the
 logit lens, the tuned lens, the SAE-spliced model, and the supervised-only vs PPO-tuned decoder.
 A row that cannot be measured for this run (no labels yet, no PPO run) is shown as not measured.
@@ -56,14 +57,19 @@ def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
         return MetricRow.measure("label_coverage", None, "not measured: run `features label` and `features score`"), {}
     live = int(json.loads(run.evidence.read_text())["live"])
     scores = json.loads(run.scores.read_text())
-    best: dict[str, float] = {}
+    best: dict[str, bool] = {}  # feature → whether any backend's label is verified; dense features apart
+    dense = 0
     for f, by_backend in scores.get("features", {}).items():
-        values = [s.get("detection") for s in by_backend.values() if s.get("detection") is not None]
-        if values:
-            best[f] = max(values)
-    verified = sum(v >= 0.7 for v in best.values())
+        if any(s.get("dense") for s in by_backend.values()):
+            dense += 1
+            continue
+        judged = [s["verified"] for s in by_backend.values() if s.get("verified") is not None]
+        if judged:
+            best[f] = any(judged)
+    verified = sum(best.values())
     note = (f"{verified} of {live:,} live features verified; {len(best)} scored"
-            + (f", of which {verified / len(best):.0%} pass" if best else ""))
+            + (f", of which {verified / len(best):.0%} pass" if best else "")
+            + (f"; {dense} dense features scored apart" if dense else ""))
     return MetricRow.measure("label_coverage", verified / max(1, live), note), scores.get("summary", {})
 
 

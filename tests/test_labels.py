@@ -16,7 +16,7 @@ from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
 from interpret.run import InterpretRun
-from interpret.scoring import auroc, balanced_accuracy, detection_score, fuzz_pair, fuzzing_score, run_score
+from interpret.scoring import Contexts, auroc, balanced_accuracy, detection_scores, fuzz_pair, fuzzing_auroc, run_score
 from models.errors import ConfigError
 
 
@@ -31,9 +31,9 @@ def feature(fid: int, word: str, density: float = 0.01, promoted=(("cat", 1.5), 
     top = [example(["I", " saw", " the", f" {word}", " today"], 3, 3.0),
            example(["the", f" {word}", " ran", " off"], 1, 2.5),
            example(["a", f" {word}", " and", " the", f" {word}"], 4, 2.0)]
-    quantiles = [example(["my", f" {word}", " sleeps"], 1, 0.5)]
-    negatives = [Example(tokens=["17", " +", " 3", " =", " 20"], acts=[0.0] * 5, center=2),
-                 Example(tokens=["True", " and", " False"], acts=[0.0] * 3, center=1)]
+    quantiles = [example(["my", f" {word}", verb], 1, 0.5) for verb in (" sleeps", " eats", " waits", " plays")]
+    negatives = [Example(tokens=list(text), acts=[0.0] * len(text), center=1)
+                 for text in (["17", " +", " 3", " =", " 20"], ["True", " and", " False"], ["x", " = ", "1"], ["a", "1", "b"])]
     return FeatureEvidence(feature=fid, density=density, max_activation=3.0, mean_activation=1.5, top=top,
                            quantiles=quantiles, negatives=negatives, promoted=list(promoted))
 
@@ -269,8 +269,9 @@ def test_detection_score_on_a_scripted_simulator():
     active = [example(["a", " cat"], 1), example(["the", " cat", " sat"], 1), example(["a", " dog"], 1)]
     negatives = [Example(["17", " cat"], [0, 0], 0), Example(["1", " +", " 2"], [0, 0, 0], 0)]
     sim = ScriptedSimulator(lambda text: 0.8 if "cat" in text else 0.1)
-    # active: yes, yes, no → TPR 2/3; negatives: "17 cat" wrongly yes, "1 + 2" no → TNR 1/2
-    assert detection_score(sim, "cats", active, negatives) == pytest.approx(7 / 12)
+    # positive-negative pairs: the two cat contexts beat "1 + 2" and tie "17 cat"; "a dog" ties "1 + 2" → 3.5 / 6
+    row = detection_scores(sim, "cats", Contexts(active, negatives, [], [], dense=False))
+    assert row == {"detection_auroc": pytest.approx(7 / 12), "detection_threshold": None, "detection_balanced_acc": None}
     assert [t for t, _ in sim.seen] == ["detection"] * 5 and "<<" not in "".join(c for _, c in sim.seen)
 
 
@@ -282,29 +283,36 @@ def test_fuzzing_marks_real_vs_random_tokens():
 
     active = [example(["the", " cat", " sat"], 1), example(["a", " cat", " ran"], 1)]
     sim = ScriptedSimulator(lambda text: 1.0 if "<<cat>>" in text and "sat" in text else 0.0)
-    # correct marks: "sat" one yes, "ran" one no → TPR 1/2; decoys never mark cat → TNR 1
-    assert fuzzing_score(sim, "cats", active, random.Random(0)) == pytest.approx(0.75)
+    # correct marks: "sat" one 1, "ran" one 0; decoys never mark cat: 0, 0 → pairs 1 + 1 + ½ + ½ of 4
+    assert fuzzing_auroc(sim, "cats", active, random.Random(0)) == pytest.approx(0.75)
     assert {t for t, _ in sim.seen} == {"fuzzing"}
 
 
 def test_run_score_writes_scores_and_summary(tmp_path):
-    run = write_evidence(tmp_path, [feature(1, "cat"), feature(2, "dog")])
-    run_label(LabelConfig(run=tmp_path, backend="stats", top=2))
+    run = write_evidence(tmp_path, [feature(1, "cat"), feature(2, "dog"), feature(3, "bird")])
+    run_label(LabelConfig(run=tmp_path, backend="stats", top=3))
     oracle = ScriptedSimulator(lambda text: 1.0 if ("cat" in text or "dog" in text) and "<<" not in text
                                or "<<cat>>" in text or "<<dog>>" in text else 0.0)
-    result = run_score(ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=3), simulator=oracle)
+    cfg = ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=3, n_calibration=1)
+    result = run_score(cfg, simulator=oracle)
     saved = json.loads(run.scores.read_text())
     assert saved == json.loads(json.dumps(result))
     row = saved["features"]["1"]["stats"]
-    assert row["detection"] == 1.0 and row["fuzzing"] == 1.0 and row["label"].startswith('tokens " cat"')
-    assert row["n_active"] == 3 and row["n_negative"] == 2
-    assert saved["summary"]["stats"] == {"n": 2, "mean_detection": 1.0, "frac_detection_ge_0.7": 1.0,
-                                         "mean_fuzzing": 1.0, "frac_fuzzing_ge_0.7": 1.0}
+    assert row["detection_auroc"] == 1.0 and row["detection_balanced_acc"] == 1.0 and row["fuzzing_auroc"] == 1.0
+    assert row["label"].startswith('tokens " cat"') and not row["dense"]
+    # the 3 top examples were shown to the labeller: the 4 quantile samples are what is left to score
+    assert (row["n_active"], row["n_negative"], row["n_calibration_active"], row["n_calibration_negative"]) == (3, 3, 1, 1)
+    assert row["chance_rate"] == pytest.approx(2 / 20) and saved["chance_rate"] == row["chance_rate"]  # U ≥ 8 of 9
+    # the simulator ignores the label, so the shuffled labels score as well and nothing is verified
+    assert row["control"]["feature"] != 1 and row["control"]["detection_auroc"] == 1.0 and row["verified"] is False
+    summary = saved["summary"]["stats"]
+    assert summary["n"] == 3 and summary["mean_detection_auroc"] == pytest.approx(2.5 / 3) and summary["verified"] == 0
+    assert summary["control_verified_frac"] == 0.0 and summary["dense"] == {"n": 0}
     with pytest.raises(ConfigError, match="--labels openai"):
         run_score(ScoreConfig(run=tmp_path, labels="openai", scorers="detection"), simulator=oracle)
     # a rerun with the same settings resumes: nothing is judged again
     seen = len(oracle.seen)
-    assert run_score(ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=3), simulator=oracle) == result
+    assert run_score(cfg, simulator=oracle) == result
     assert len(oracle.seen) == seen
     run_score(ScoreConfig(run=tmp_path, scorers="detection,fuzzing", n_examples=2), simulator=oracle)  # other settings
     assert len(oracle.seen) > seen
