@@ -25,6 +25,7 @@ from rl_env.reward import RewardSchedule, direct_attribution, mono_share, parse_
 from sae.model import SparseAutoencoder
 
 COMPONENTS = ("reward", "r_faith", "r_mono", "r_task", "features_needed")
+WEIGHTS = ("alpha", "beta", "gamma", "phase")
 
 
 class Engine(ABC):
@@ -86,7 +87,10 @@ class Engine(ABC):
         parts = {"reward": reward, "r_faith": r_faith, "r_mono": r_mono, "r_task": r_task, "features_needed": needed}
         for key, value in parts.items():
             self._sums[key] += float(value.sum())
-        self._count += len(actions)
+        n = len(actions)  # the weights the steps were rewarded with, not those after them
+        for key, value in zip(WEIGHTS, (alpha, beta, gamma, self.schedule.phase_index(self.steps))):
+            self._sums[key] += value * n
+        self._count += n
         self.steps += len(actions)
         self._maybe_adjust_beta()
         info = {k: v.numpy().astype(np.float32) for k, v in parts.items()}
@@ -121,16 +125,15 @@ class Engine(ABC):
 
     # -- statistics ------------------------------------------------------------------------
     def _reset_stats(self) -> None:
-        self._sums = dict.fromkeys(COMPONENTS, 0.0)
+        self._sums = dict.fromkeys(COMPONENTS + WEIGHTS, 0.0)
         self._count = 0
 
     def pop_stats(self) -> dict:
-        """Mean of each reward component since the last call, plus the current weights."""
+        """Mean of each reward component since the last call, and of the weights and phase the steps were rewarded
+        under (a window that straddles a phase boundary gets the step-weighted mean)."""
         n = max(1, self._count)
-        alpha, beta, gamma = self.schedule.weights(self.steps)
         out = {k: v / n for k, v in self._sums.items()}
-        out.update(steps=self._count, alpha=alpha, beta=beta, gamma=gamma, phase=self.schedule.phase_index(self.steps),
-                   total_env_steps=self.steps)
+        out.update(steps=self._count, total_env_steps=self.steps)
         self._reset_stats()
         return out
 

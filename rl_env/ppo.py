@@ -21,6 +21,7 @@ from models.io import atomic_path, write_json_atomic
 from rl_env.config import EnvConfig
 from rl_env.learner import SlimPPOLearner
 from rl_env.ppo_config import PpoConfig, PpoExportConfig
+from rl_env.reward import RewardSchedule, parse_phases
 from training.layout import RunLayout, decoder_dir
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class PpoTrial:
         register_envs()
         self.algo = algo_config(cfg, env_config_for(cfg, cache_root)).build_algo()
         self.writer = SummaryWriter(str(self.out / "tb"))
+        self.schedule = RewardSchedule(parse_phases(cfg.phases), cfg.steps)  # which phase the run's next step is in
         self.history: list[dict] = []
         self.before: dict | None = None
         self.alpha_scale, self.env_steps, self.iteration = 1.0, 0, 0
@@ -252,19 +254,19 @@ class PpoTrial:
         self.env_steps += sampled
         total = self.env_steps  # every engine's phase follows the run's step count, whatever the number of runners
         engines_call(self.algo, lambda e: setattr(e, "steps", total))
-        row = {"iteration": self.iteration, "env_steps": self.env_steps, **_learner_stats(result)}
+        row = {"iteration": self.iteration, "env_steps_from": self.env_steps - sampled, "env_steps": self.env_steps,
+               **_learner_stats(result)}
         for key in ("reward", "r_faith", "r_mono", "r_task", "features_needed", "alpha", "beta", "gamma", "phase"):
             if stats:
                 row[f"reward/{key}"] = sum(s[key] * s["steps"] for s in stats) / max(1, sampled)
         row["charts/env_steps_per_s"] = self.env_steps / (time.perf_counter() - self.t0)
+        # the iteration's steps were rewarded in `phase`; if the next steps fall in another, this one closes it
         phase = int(round(row.get("reward/phase", 0)))
-        previous = int(round(self.history[-1].get("reward/phase", phase))) if self.history else phase
-        if phase != previous:
-            row["phase_ended"] = previous  # this evaluation closes the previous phase
-        if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps or phase != previous:
+        closes_phase = self.schedule.phase_index(self.env_steps) != phase
+        if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps or closes_phase:
             self._evaluate(row)
         for key, value in row.items():
-            if key not in ("iteration", "env_steps", "phase_ended"):
+            if key not in ("iteration", "env_steps_from", "env_steps"):
                 self.writer.add_scalar(key, value, self.env_steps)
         self.writer.flush()
         self.history.append(row)
@@ -312,18 +314,16 @@ def per_phase(history: list[dict], after: dict) -> list[dict]:
         p = int(round(row["reward/phase"]))
         entry = phases.setdefault(p, {"phase": p, "rows": [], "end": None})
         entry["rows"].append(row)
-        if "eval/kl" in row and "phase_ended" not in row:
+        if "eval/kl" in row:  # the phase's last evaluation (the trial evaluates at every phase's last iteration)
             entry["end"] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
-        if "phase_ended" in row and row["phase_ended"] in phases:
-            phases[row["phase_ended"]]["end"] = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/")}
     out = []
     for p in sorted(phases):
         rows = phases[p]["rows"]
         mean = {k: sum(r[f"reward/{k}"] for r in rows) / len(rows) for k in ("reward", "r_faith", "r_mono", "r_task")}
         weights = {k: rows[-1][f"reward/{k}"] for k in ("alpha", "beta", "gamma")}
-        end = phases[p]["end"] if phases[p]["end"] is not None or p != max(phases) else None
-        out.append({"phase": p, "env_steps": [rows[0]["env_steps"], rows[-1]["env_steps"]], "weights": weights,
-                    "mean_rewards": mean, "end": end if end is not None else after})
+        end = phases[p]["end"] if p != max(phases) else after
+        out.append({"phase": p, "env_steps": [rows[0]["env_steps_from"], rows[-1]["env_steps"]],
+                    "weights": weights, "mean_rewards": mean, "end": end})
     return out
 
 

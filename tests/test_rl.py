@@ -97,6 +97,33 @@ def test_vector_env_autoresets_on_the_step_after_an_episode_ends(rl_setup):
     assert stats["steps"] == 12 and stats["phase"] == 0
 
 
+def test_stats_and_per_phase_report_the_phase_the_steps_were_rewarded_in(rl_setup):
+    """Steps rewarded in phase 0 are reported as phase 0 even when the window ends on the boundary, a window that
+    straddles it gets the step-weighted mean, and each phase's end is the evaluation of its own last iteration."""
+    from rl_env.ppo import per_phase
+    from rl_env.token_env import make_token_vec_env
+
+    env = make_token_vec_env(_env_cfg(rl_setup, phases="1:1/0/0,1:0/1/0", total_steps=12), num_envs=3,
+                             frozen=rl_setup["frozen"])
+    env.reset(seed=1)
+    for _ in range(2):
+        env.step(np.array([1, 2, 3]))
+    stats = env.engine.pop_stats()  # steps 0-5: all in phase 0, the next step starts phase 1
+    assert stats["steps"] == 6 and stats["phase"] == 0 and stats["alpha"] == 1 and stats["beta"] == 0
+    env.engine.steps = 3
+    for _ in range(2):
+        env.step(np.array([1, 2, 3]))
+    stats = env.engine.pop_stats()  # steps 3-8: half in each phase
+    assert stats["phase"] == pytest.approx(0.5) and stats["alpha"] == pytest.approx(0.5)
+
+    def row(it, phase, kl):
+        return {"iteration": it, "env_steps_from": 4 * (it - 1), "env_steps": 4 * it, "eval/kl": kl, "eval/top1": 0.0,
+                **{f"reward/{k}": 0.0 for k in ("reward", "r_faith", "r_mono", "r_task", "alpha", "beta", "gamma")},
+                "reward/phase": phase}
+    phases = per_phase([row(1, 0, 1.0), row(2, 0, 2.0), row(3, 1, 3.0)], after={"kl": 4.0})
+    assert [(p["phase"], p["env_steps"], p["end"]["kl"]) for p in phases] == [(0, [0, 8], 2.0), (1, [8, 12], 4.0)]
+
+
 def test_generation_env_batched_cache_matches_a_full_forward(rl_setup):
     from rl_env.generation_env import GenerationEngine
 
