@@ -222,7 +222,7 @@ class LocalLabeler:
         probs: list[float] = []
         for i in range(0, len(prompts), self.batch_size):
             enc = self._encode(prompts[i:i + self.batch_size])
-            logits_BV = self.lm(**enc).logits[:, -1].float()
+            logits_BV = self.lm(**enc, logits_to_keep=1).logits[:, -1].float()  # not [B, T, V]: 151k vocab
             yes_B = torch.logsumexp(logits_BV[:, self._yes_ids], dim=-1)
             no_B = torch.logsumexp(logits_BV[:, self._no_ids], dim=-1)
             probs += torch.sigmoid(yes_B - no_B).tolist()
