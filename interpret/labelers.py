@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -231,19 +229,26 @@ class LocalLabeler:
 
 # -- OpenAI-compatible endpoint -------------------------------------------------------------------
 class OpenAILabeler:
-    """Any OpenAI-compatible /chat/completions endpoint, through the standard library only."""
+    """Any OpenAI-compatible /chat/completions endpoint, through the `openai` client (timeouts, retries with backoff)."""
 
     name = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 batch_size: int = 8, examples: int = 8):
-        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+                 batch_size: int = 8, examples: int = 8, max_retries: int = 3):
+        from openai import OpenAI
+
+        self.base_url = base_url.rstrip("/")
+        self.endpoint = self.base_url + "/chat/completions"
         self.model_id = model
         self.api_key_env = api_key_env
         self.timeout_s = timeout_s
         self.batch_size = batch_size
         self.examples = examples
-        self._api_key()  # fail before any work when the key is missing
+        # the key lives in this process only (never in a config, label record or log line); the client retries
+        # connection errors, 408/409/429 and 5xx with exponential backoff, honouring Retry-After
+        for name in ("openai", "httpx", "httpx2", "httpcore"):  # their debug lines carry request options
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+        self._client = OpenAI(base_url=self.base_url, api_key=self._api_key(), timeout=timeout_s, max_retries=max_retries)
 
     def _api_key(self) -> str:
         key = os.environ.get(self.api_key_env, "")
@@ -255,25 +260,22 @@ class OpenAILabeler:
         return key
 
     def chat(self, user: str, max_tokens: int = 256) -> str:
-        body = json.dumps({"model": self.model_id, "temperature": 0, "max_tokens": max_tokens,
-                           "messages": [{"role": "user", "content": user}]}).encode()
-        request = urllib.request.Request(self.endpoint, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {self._api_key()}"})
+        import openai
+
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read().decode())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:300]
-            raise ConfigError(f"{self.endpoint}: HTTP {e.code} {e.reason}: {detail}") from e
-        except urllib.error.URLError as e:
-            raise ConfigError(f"{self.endpoint}: cannot reach the endpoint ({e.reason}); check --openai-base-url") from e
-        except TimeoutError as e:
+            response = self._client.chat.completions.create(
+                model=self.model_id, temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": user}])
+        except openai.APITimeoutError as e:
             raise ConfigError(f"{self.endpoint}: no answer within --timeout-s {self.timeout_s}") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{self.endpoint}: the answer is not JSON ({e})") from e
+        except openai.APIConnectionError as e:
+            raise ConfigError(f"{self.endpoint}: cannot reach the endpoint ({e.__cause__ or e}); check --openai-base-url") from e
+        except openai.APIStatusError as e:
+            raise ConfigError(f"{self.endpoint}: HTTP {e.status_code}: {str(e)[:300]}") from e
+        except openai.APIResponseValidationError as e:
+            raise ConfigError(f"{self.endpoint}: the answer is not a chat completion ({e})") from e
         try:
-            return payload["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as e:
+            return response.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError) as e:
             raise ConfigError(f"{self.endpoint}: unexpected answer shape (no choices[0].message.content)") from e
 
     def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:

@@ -160,6 +160,7 @@ def test_config_errors_name_the_flag(tmp_path):
 # -- OpenAI-compatible backend against a local fake server ----------------------------------------
 class _FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    busy = 0
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -170,6 +171,13 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self.wfile.write(b"no such route")
             return
         prompt = body["messages"][0]["content"]
+        if "BUSY" in prompt and type(self).busy > 0:  # rate-limited until `busy` refusals are spent
+            type(self).busy -= 1
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if "JSON object" in prompt:
             n = prompt.count("### Feature")
             content = "Sure:\n```json\n" + json.dumps({str(i): f"label {i}." for i in range(1, n + 1)}) + "\n```"
@@ -236,9 +244,19 @@ def test_openai_backend_errors_are_clear(tmp_path, fake_openai, monkeypatch):
     bad = OpenAILabeler(fake_openai + "/nope", "m", "FL_MISSING_KEY")
     with pytest.raises(ConfigError, match=r"/nope/chat/completions: HTTP 404"):
         bad.chat("hi")
-    closed = OpenAILabeler("http://127.0.0.1:9/v1", "m", "FL_MISSING_KEY", timeout_s=2)
+    closed = OpenAILabeler("http://127.0.0.1:9/v1", "m", "FL_MISSING_KEY", timeout_s=2, max_retries=0)
     with pytest.raises(ConfigError, match="cannot reach"):
         closed.chat("hi")
+
+
+def test_openai_backend_retries_a_rate_limit_then_reports_it(fake_openai, monkeypatch):
+    monkeypatch.setenv("FL_KEY", "k")
+    _FakeOpenAI.busy = 2
+    assert OpenAILabeler(fake_openai + "/v1", "m", "FL_KEY", max_retries=3).chat("BUSY hi") == "Single label"
+    assert len(_FakeOpenAI.requests) == 3  # two 429s, then the answer
+    _FakeOpenAI.busy = 5
+    with pytest.raises(ConfigError, match="HTTP 429"):
+        OpenAILabeler(fake_openai + "/v1", "m", "FL_KEY", max_retries=1).chat("BUSY again")
 
 
 # -- scoring --------------------------------------------------------------------------------------
