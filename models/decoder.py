@@ -21,6 +21,8 @@ from the model named in the config), so a checkpoint is small.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -37,6 +39,26 @@ from models.loading import fast_bf16
 
 Arch = Literal["linear", "readout", "context"]
 WEIGHTS, CONFIG = "decoder.safetensors", "decoder.json"
+
+_SECOND_ORDER: ContextVar[bool] = ContextVar("second_order", default=False)
+
+
+@contextmanager
+def second_order():
+    """Inside, feature sums take a gather path whose gradient in the values can itself be differentiated
+    (EmbeddingBag's per-sample-weight gradient has no derivative), for losses on attributions."""
+    token = _SECOND_ORDER.set(True)
+    try:
+        yield
+    finally:
+        _SECOND_ORDER.reset(token)
+
+
+def feature_sum(indices_NK: Tensor, table_FD: Tensor, values_NK: Tensor) -> Tensor:
+    """Σ_k values[n, k] · table[indices[n, k]], [N, D]."""
+    if _SECOND_ORDER.get():
+        return torch.einsum("nk,nkd->nd", values_NK.float(), table_FD[indices_NK])
+    return F.embedding_bag(indices_NK, table_FD, per_sample_weights=values_NK.float(), mode="sum")
 
 
 @dataclass
@@ -229,8 +251,7 @@ class LinearDecoder(Decoder):
         """Nothing to take: the features map to the vocabulary directly, not through d_model."""
 
     def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        z = F.embedding_bag(indices_BTK.reshape(-1, indices_BTK.shape[-1]), self.A_FR,
-                            per_sample_weights=values_BTK.reshape(-1, values_BTK.shape[-1]).float(), mode="sum")
+        z = feature_sum(indices_BTK.reshape(-1, indices_BTK.shape[-1]), self.A_FR, values_BTK.reshape(-1, values_BTK.shape[-1]))
         return z.reshape(*indices_BTK.shape[:-1], -1)
 
     def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
@@ -277,7 +298,7 @@ class ReadoutDecoder(Decoder):
         """The estimate of the layer's residual that the frozen head reads."""
         flat_i = indices_BTK.reshape(-1, indices_BTK.shape[-1])
         flat_v = values_BTK.reshape(-1, values_BTK.shape[-1]).float()
-        h = F.embedding_bag(flat_i, self.W_FD, per_sample_weights=flat_v, mode="sum") + self.b_D
+        h = feature_sum(flat_i, self.W_FD, flat_v) + self.b_D
         return self._translate(h).reshape(*indices_BTK.shape[:-1], -1)
 
     def hidden_dense(self, feats_BTF: Tensor) -> Tensor:

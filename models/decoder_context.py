@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.decoder import Decoder, DecoderConfig
+from models.decoder import Decoder, DecoderConfig, feature_sum
 from models.head import FrozenHead
 from models.loading import fast_bf16
 
@@ -137,8 +137,7 @@ class ContextDecoder(Decoder):
         if indices_BTK.dim() != 3:
             raise ValueError(f"context decoder: expected [batch, positions, slots] features, got shape {tuple(indices_BTK.shape)}")
         B, T, K = indices_BTK.shape
-        x = F.embedding_bag(indices_BTK.reshape(-1, K), self.embed_FD, per_sample_weights=values_BTK.reshape(-1, K).float(),
-                            mode="sum").view(B, T, -1) + self.b_D
+        x = feature_sum(indices_BTK.reshape(-1, K), self.embed_FD, values_BTK.reshape(-1, K)).view(B, T, -1) + self.b_D
         return self._with_bos(x)
 
     def _with_bos(self, x_BTD: Tensor) -> Tensor:

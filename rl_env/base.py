@@ -108,13 +108,14 @@ class Engine(ABC):
         """What the learner needs about each current observation, sent in its info: the frozen model's
         distribution at its position (top-k ids and log-probs + the log of the rest mass) and the weights
         of the step taken from it (`entropy_alpha`: α for the entropy reward; `anchor_lambda`: λ of the
-        forward-KL anchor)."""
-        alpha, anchor = self.schedule.weights(self.steps)[0], self.schedule.anchor_weight(self.steps)
-        if self.cfg.random_reward:  # the baseline learns from noise only: no entropy reward, no anchor
-            alpha = anchor = 0.0
+        forward-KL anchor; `share_beta`: β for the learner's attribution-share term)."""
+        alpha, beta, _ = self.schedule.weights(self.steps)
+        anchor = self.schedule.anchor_weight(self.steps)
+        if self.cfg.random_reward:  # the baseline learns from noise only: no entropy reward, anchor or share term
+            alpha = beta = anchor = 0.0
         n = self.num_envs
         return {**self.teacher_targets(), "entropy_alpha": np.full(n, alpha, np.float32),
-                "anchor_lambda": np.full(n, anchor, np.float32)}
+                "anchor_lambda": np.full(n, anchor, np.float32), "share_beta": np.full(n, beta, np.float32)}
 
     @abstractmethod
     def teacher_targets(self) -> dict:

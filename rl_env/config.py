@@ -42,8 +42,25 @@ class RewardConfig:
     """c: add −c·α·log π(a) to every step's reward, α the step's faithfulness weight (the design's entropy bonus
     in reward units; c = 1 makes α·r_faith's expectation −α·KL(π ‖ p_frozen), whose optimum is π = p_frozen). 0 = off."""
 
+    attribution_share: float = 0.0
+    """μ: the learner adds −μ·β_t·share to the PPO loss, share = the top-`share_top` share of |attribution| of
+    the policy's own prediction (gradient × activation of log π(argmax) over every feature it reads, summed per
+    feature: the quantity evaluation reports as top-10 share), differentiated through the decoder. r_mono
+    depends on the frozen features and the action only; this term reaches the decoder's weights. 0 = off."""
+
+    share_top: int = 10
+    """Features whose attribution counts as explained in the learner's share term (the design's top-10)."""
+
+    share_rows: int = 8
+    """Train-batch steps per minibatch on which the learner's share term is computed (each costs a forward and a
+    double backward through the decoder)."""
+
     def __post_init__(self) -> None:
         anchor_weights(self.anchor_kl, len(parse_phases(self.phases)))
+        if self.attribution_share < 0:
+            raise ConfigError(f"--attribution-share: expected μ >= 0, got {self.attribution_share}")
+        if self.share_top < 1 or self.share_rows < 1:
+            raise ConfigError(f"--share-top and --share-rows: expected at least 1, got {self.share_top}, {self.share_rows}")
         if self.top_m < 1:
             raise ConfigError(f"--top-m: expected at least 1, got {self.top_m}")
         if self.entropy_reward < 0:

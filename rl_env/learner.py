@@ -16,7 +16,11 @@ train batch, where
   acts on standardised advantages instead;
 - the anchor: the loss gains λ_t·KL(p_frozen ‖ π) at every position of the batch (binned over the
   teacher's top k + one bin for the rest, `distill.loss.kl_topk`), λ_t the step's phase weight
-  (`--anchor-kl`), logged as `anchor_kl` (its unweighted mean).
+  (`--anchor-kl`), logged as `anchor_kl` (its unweighted mean);
+- the attribution-share term: with `learner_config_dict={"attribution_share": μ}`, the loss gains
+  −μ·β_t·share on up to `share_rows` loss-masked steps of each minibatch (steps with β_t > 0), share = the
+  top-`share_top` share of |attribution| of the policy's own prediction (`rl_env.reward.policy_top_share`),
+  logged as `attribution_share` (its unweighted mean). r_mono cannot reach the decoder's weights; this can.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.torch_utils import explained_variance
 
 from distill.loss import kl_topk
+from rl_env.reward import policy_top_share
 
-TEACHER_COLUMNS = ("teacher_ids", "teacher_logp", "teacher_rest", "entropy_alpha", "anchor_lambda")
+TEACHER_COLUMNS = ("teacher_ids", "teacher_logp", "teacher_rest", "entropy_alpha", "anchor_lambda", "share_beta")
 """Info keys every environment sends with each observation (rl_env.base.Engine.obs_info)."""
 ANCHOR_KL_KEY = "anchor_kl"
+SHARE_KEY = "attribution_share"
 
 
 class TeacherColumns(ConnectorV2):
@@ -116,6 +122,12 @@ class SlimPPOLearner(PPOTorchLearner):
                          logits if anchored else logits.detach())
         if anchored:
             total = total + mean(lam * anchor)
+        share = self._share_term(module, batch)
+        if share is not None:
+            rows, share_R = share
+            coefficient = float(self.config.learner_config_dict["attribution_share"])
+            total = total - coefficient * (batch["share_beta"][rows].float() * share_R).mean()
+            self.metrics.log_value((module_id, SHARE_KEY), share_R.detach().mean(), window=1)
         self.metrics.log_dict({
             ANCHOR_KL_KEY: mean(anchor.detach()),
             POLICY_LOSS_KEY: -mean(surrogate), VF_LOSS_KEY: mean(vf_loss_clipped),
@@ -124,3 +136,20 @@ class SlimPPOLearner(PPOTorchLearner):
             ENTROPY_KEY: mean(entropy), LEARNER_RESULTS_KL_KEY: torch.tensor(0.0),
         }, key=module_id, window=1)
         return total
+
+    def _share_term(self, module, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, the policy's top-m attribution share at each) on up to `share_rows` random steps with β > 0."""
+        settings = self.config.learner_config_dict
+        if not float(settings.get("attribution_share", 0.0)):
+            return None
+        eligible = batch["share_beta"] > 0
+        if Columns.LOSS_MASK in batch:
+            eligible = eligible & batch[Columns.LOSS_MASK].bool()
+        candidates = torch.nonzero(eligible).flatten()
+        if not len(candidates):
+            return None
+        n = min(int(settings.get("share_rows", 8)), len(candidates))
+        rows = candidates[torch.randperm(len(candidates), device=candidates.device)[:n]]
+        obs = batch[Columns.OBS]
+        return rows, policy_top_share(module.decoder, obs["indices"][rows], obs["values"][rows], obs["length"][rows],
+                                      int(settings.get("share_top", 10)))

@@ -113,7 +113,9 @@ def algo_config(cfg: PpoConfig, env_config: dict):
         .rl_module(rl_module_spec=RLModuleSpec(module_class=DecoderPolicy, model_config={
             "decoder": str(cfg.decoder), "model": cfg.model, "dtype": cfg.dtype}))
         # a context decoder's minibatches hold whole episodes (unshuffled), so the learner runs each sequence once
-        .learners(num_learners=0, learner_class=SlimPPOLearner, learner_config_dict={"entropy_reward": cfg.entropy_reward})
+        .learners(num_learners=0, learner_class=SlimPPOLearner, learner_config_dict={
+            "entropy_reward": cfg.entropy_reward, "attribution_share": cfg.attribution_share, "share_top": cfg.share_top,
+            "share_rows": cfg.share_rows})
         .debugging(seed=cfg.seed, log_level="ERROR")
     )
 
@@ -184,7 +186,7 @@ def _token_cache(cfg: PpoConfig, frozen, corpus) -> str:
 
 def _learner_stats(result: dict) -> dict:
     stats = result.get("learners", {}).get("default_policy", {})
-    keys = ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "total_loss", "anchor_kl")
+    keys = ("policy_loss", "vf_loss", "entropy", "vf_explained_var", "total_loss", "anchor_kl", "attribution_share")
     return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
 
 

@@ -8,6 +8,11 @@ reward = α·r_faith + β·r_mono + γ·r_task, for a batch of sub-environment s
   the share). It depends on the action, so the policy can change it.
 - r_task = 1 if the action equals the reference token (the data's next token, or the frozen argmax),
   or, in the generation environment, if the final answer is right (paid at the end).
+
+r_mono reads the frozen SAE's directions, not the decoder, so the policy's one lever on it is which token it
+samples. `policy_top_share` is the decoder's own counterpart, the quantity evaluation reports as top-10 share:
+a deterministic function of the decoder's weights, which the learner differentiates directly (pathwise)
+instead of through the score function.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.decoder import second_order
 from training.schedule import Phase, phase_index
 from training.schedule import parse_phases as parse_schedule_phases
 
@@ -82,3 +89,30 @@ def mono_share(attr_NK: Tensor, top_m: int) -> tuple[Tensor, Tensor]:
     cum = ranked.cumsum(-1)
     needed = (cum < 0.5 * total[:, None]).sum(-1) + 1
     return share, torch.where(total > 0, needed, torch.zeros_like(needed)).float()
+
+
+def policy_top_share(decoder, indices_BRK: Tensor, values_BRK: Tensor, lengths_B: Tensor, top: int = 10) -> Tensor:
+    """Top-`top` share of |attribution| of each row's prediction [B], differentiable in the decoder's weights.
+
+    The prediction is the decoder's argmax y at row length − 1; attribution is activation × gradient of log p(y)
+    for every feature slot the decoder reads (a context decoder: rows 0..length − 1, BOS row excluded), summed
+    per feature id; share = Σ of the `top` largest |sums| / Σ |sums|. One backward serves every row (rows are
+    independent), with create_graph so that the share's own gradient reaches the weights. Equals
+    `interpret.attribution.prediction_top_shares` at the same positions.
+    """
+    values = values_BRK.detach().float().requires_grad_(True)
+    indices = indices_BRK.long()
+    # the double backward needs attention's math kernel (CPU flash attention's backward has no derivative) and
+    # feature sums by gather (EmbeddingBag's has none either)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), second_order():
+        logp_BV = decoder.last_logits(indices, values, lengths_B).float().log_softmax(-1)
+        target = logp_BV.detach().argmax(-1, keepdim=True)
+        (grad,) = torch.autograd.grad(logp_BV.gather(1, target).sum(), values, create_graph=True)
+    attr = values.detach() * grad
+    if decoder.needs_context:
+        attr = torch.cat([torch.zeros_like(attr[:, :1]), attr[:, 1:]], 1)  # BOS
+    B, F_ = attr.shape[0], decoder.cfg.num_latents
+    per_feature = attr.new_zeros(B, F_).scatter_add(1, indices.flatten(1), attr.flatten(1)).abs()
+    total = per_feature.sum(-1)
+    top_sum = per_feature.topk(min(top, F_), -1).values.sum(-1)
+    return torch.where(total > 0, top_sum / total.clamp_min(1e-30), torch.zeros_like(total))
