@@ -59,14 +59,59 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False)
         self.v_proj, self.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(d, d, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def qkv(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries [B, H, T, d] and keys, values [B, H_kv, T, d]; cos/sin broadcast over heads."""
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, _, T, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, kv: KVCache | None = None) -> Tensor:
+        q, k, v = self.qkv(x_BTD, cos, sin)
+        if kv is not None:
+            kv.keep(self, k, v)
+        return self.attend(q, k, v)
+
+    def step(self, x_B1D: Tensor, cos_B11d: Tensor, sin_B11d: Tensor, kv: KVCache) -> Tensor:
+        """One new position per row, attending to the cached positions before it (and itself)."""
+        q, k, v = self.qkv(x_B1D, cos_B11d, sin_B11d)
+        keys, values, mask = kv.append(self, k, v)
+        return self.attend(q, keys, values, mask)
+
+
+class KVCache:
+    """Every block's keys and values for `capacity` positions of B rows, for one-position steps (inference only).
+
+    Filled by a full forward (`ContextDecoder.hidden(..., kv=cache)`), then extended by
+    `ContextDecoder.hidden_step`, which writes each row's new position at its own index and masks the keys
+    after it. Attention is causal, so a step's output equals the full forward's at that position (up to
+    reduced-precision rounding, which depends on the matmul shapes).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.positions_B: Tensor | None = None
+
+    def keep(self, attn: nn.Module, k: Tensor, v: Tensor) -> None:
+        pad = (0, 0, 0, self.capacity - k.shape[2])
+        self.keys[id(attn)], self.values[id(attn)] = F.pad(k.detach(), pad), F.pad(v.detach(), pad)
+
+    def append(self, attn: nn.Module, k_B1: Tensor, v_B1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keys, values, pos = self.keys[id(attn)], self.values[id(attn)], self.positions_B
+        rows = torch.arange(len(pos), device=pos.device)
+        keys[rows, :, pos] = k_B1[:, :, 0].to(keys.dtype)
+        values[rows, :, pos] = v_B1[:, :, 0].to(values.dtype)
+        mask = torch.arange(self.capacity, device=pos.device)[None, :] <= pos[:, None]
+        return keys.to(k_B1.dtype), values.to(v_B1.dtype), mask[:, None, None, :]
 
 
 class MLP(nn.Module):
@@ -90,8 +135,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVCache) -> Tensor:
+        x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -145,14 +194,27 @@ class ContextDecoder(Decoder):
             return x_BTD
         return torch.cat([self.bos_D.expand(x_BTD.shape[0], 1, -1), x_BTD[:, 1:]], 1)
 
-    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor) -> Tensor:
-        """The stream after the blocks, [B, T, D]."""
-        return self.run_blocks(self.stream(indices_BTK, values_BTK))
+    def hidden(self, indices_BTK: Tensor, values_BTK: Tensor, kv: KVCache | None = None) -> Tensor:
+        """The stream after the blocks, [B, T, D]; with `kv`, every block's keys and values are kept in it."""
+        return self.run_blocks(self.stream(indices_BTK, values_BTK), kv=kv)
+
+    def hidden_step(self, indices_BK: Tensor, values_BK: Tensor, positions_B: Tensor, kv: KVCache) -> Tensor:
+        """The stream after the blocks at one new position per row (≥ 1), [B, D], given `kv` holding every
+        position before it; the new keys and values are written into `kv`."""
+        if int(positions_B.min()) < 1 or int(positions_B.max()) >= kv.capacity:
+            raise ValueError(f"context decoder: step positions must be in 1..{kv.capacity - 1}")
+        x = feature_sum(indices_BK, self.embed_FD, values_BK)[:, None] + self.b_D
+        cos, sin = self.cos[positions_B][:, None, None], self.sin[positions_B][:, None, None]
+        kv.positions_B = positions_B
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast_bf16(x.device.type)):
+            for block in self.blocks:
+                x = block.step(x, cos, sin, kv)
+        return x[:, 0].float()
 
     def hidden_dense(self, feats_BTF: Tensor) -> Tensor:
         return self.run_blocks(self._with_bos(feats_BTF.float() @ self.embed_FD + self.b_D))
 
-    def run_blocks(self, x_BTD: Tensor, blocks: list[nn.Module] | None = None) -> Tensor:
+    def run_blocks(self, x_BTD: Tensor, blocks: list[nn.Module] | None = None, kv: KVCache | None = None) -> Tensor:
         """`blocks` (default: all of them, in order) applied to a stream."""
         T = x_BTD.shape[1]
         if T > self.cfg.max_context:
@@ -160,7 +222,7 @@ class ContextDecoder(Decoder):
         cos, sin = self.cos[:T], self.sin[:T]
         with torch.autocast(x_BTD.device.type, dtype=torch.bfloat16, enabled=fast_bf16(x_BTD.device.type)):
             for block in self.blocks if blocks is None else blocks:
-                x_BTD = block(x_BTD, cos, sin)
+                x_BTD = block(x_BTD, cos, sin, kv)
         return x_BTD.float()
 
     @torch.no_grad()

@@ -6,6 +6,10 @@
   length − 1 (a context decoder reads the rows before it, from BOS).
 - In training, steps of one sequence share one forward: the decoder runs each sequence's longest
   prefix in the batch once and every step reads its own row (causal attention makes this exact).
+- Sampling with a context decoder is incremental: consecutive steps of a sequence (same `sequence`, length
+  + 1) run only the new position against every block's cached keys and values (`KVCache`); any other batch,
+  or weights changed since the cache was filled (a parameter's version counter moved), runs the full
+  prefix and refills the cache. The result equals the full forward up to bf16 rounding.
 - Sampling returns only the action and its log-prob: with ~49k actions, the full logits stored per
   step would cost 192 KiB each (RLlib keeps every module output in the episode). The learner
   recomputes the logits from the observation (see rl_env/ppo.py's slim PPO learner).
@@ -28,6 +32,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.decoder import load_decoder
+from models.decoder_context import KVCache
 from models.head import FrozenHead
 from models.loading import load_frozen
 
@@ -47,6 +52,7 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
         num_latents = self.decoder.cfg.num_latents
         self.value_embed = nn.Parameter(torch.randn(num_latents, VALUE_DIM) * 0.01)
         self.value_mlp = nn.Sequential(nn.Linear(VALUE_DIM, VALUE_DIM), nn.Tanh(), nn.Linear(VALUE_DIM, 1))
+        self._kv: dict = {}  # the sampling cache: KVCache, sequence ids and lengths it covers, weights version
 
     # -- the policy ------------------------------------------------------------------------
     def logits(self, obs: dict) -> torch.Tensor:
@@ -69,15 +75,39 @@ class DecoderPolicy(TorchRLModule, ValueFunctionAPI):
         hidden = self.decoder.hidden(obs["indices"][representative].long(), obs["values"][representative].float())
         return self.decoder.readout(hidden[group, length - 1])
 
+    @torch.no_grad()
+    def sample_logits(self, obs: dict) -> torch.Tensor:
+        """`logits` for sampling: a context decoder steps from its key/value cache when every row is its cached
+        sequence one position on, else runs the full prefixes and refills the cache."""
+        if not hasattr(self.decoder, "hidden_step"):
+            return self.logits(obs)
+        length, sequence = obs["length"].long(), obs["sequence"].long()
+        version = sum(p._version for p in self.decoder.parameters())
+        kv = self._kv
+        steps = (kv.get("version") == version and kv["sequence"].shape == sequence.shape
+                 and bool((kv["sequence"] == sequence).all()) and bool((kv["length"] + 1 == length).all()))
+        rows = torch.arange(len(length), device=length.device)
+        if steps:
+            last = length - 1
+            hidden = self.decoder.hidden_step(obs["indices"][rows, last].long(), obs["values"][rows, last].float(), last,
+                                              kv["cache"])
+        else:
+            cache = KVCache(obs["indices"].shape[1])
+            T = int(length.max())
+            hidden = self.decoder.hidden(obs["indices"][:, :T].long(), obs["values"][:, :T].float(), kv=cache)[rows, length - 1]
+            self._kv = {"cache": cache, "version": version, "sequence": sequence.clone()}
+        self._kv["length"] = length.clone()
+        return self.decoder.readout(hidden)
+
     @override(TorchRLModule)
     def _forward_inference(self, batch, **kwargs):
         with torch.no_grad():
-            return {Columns.ACTION_DIST_INPUTS: self.logits(batch[Columns.OBS])}
+            return {Columns.ACTION_DIST_INPUTS: self.sample_logits(batch[Columns.OBS])}
 
     @override(TorchRLModule)
     def _forward_exploration(self, batch, **kwargs):
         with torch.no_grad():
-            dist = torch.distributions.Categorical(logits=self.logits(batch[Columns.OBS]))
+            dist = torch.distributions.Categorical(logits=self.sample_logits(batch[Columns.OBS]))
             actions = dist.sample()
             return {Columns.ACTIONS: actions, Columns.ACTION_LOGP: dist.log_prob(actions)}
 

@@ -512,3 +512,28 @@ def test_attribution_share_term_raises_the_policys_top10_share(rl_setup, context
     assert on["after"]["top10_share"] > on["before"]["top10_share"] + 0.02
     history = json.loads((root / "ppo_share_on" / "history.json").read_text())
     assert all(0 < row["ppo/attribution_share"] <= 1 for row in history)
+
+
+def test_sampling_steps_a_context_decoder_from_its_kv_cache_and_equals_the_full_forward(rl_setup, context_decoder,
+                                                                                       monkeypatch):
+    """Consecutive steps of the same sequences run one position against the cached keys and values and give the
+    full prefix's logits; a weight update (what the learner's sync does) or a reset refills the cache."""
+    from rl_env.token_env import make_token_vec_env
+
+    monkeypatch.setattr("models.decoder_context.fast_bf16", lambda device: False)
+    env = make_token_vec_env(_env_cfg(rl_setup, window=6, context=6), num_envs=3, frozen=rl_setup["frozen"])
+    module = _policy(rl_setup, context_decoder, env)
+    obs, _ = env.reset(seed=5)
+    caches = []
+    for i in range(9):  # 6-step episodes: the autoreset falls inside
+        step = {k: torch.as_tensor(v) for k, v in obs.items()}
+        if i == 4:
+            with torch.no_grad():
+                module.decoder.blocks[0].mlp.up_proj.weight.mul_(1.5)
+        torch.testing.assert_close(module.sample_logits(step), module.logits(step), atol=2e-4, rtol=1e-4)
+        caches.append((id(module._kv["cache"]), step["sequence"], int(step["length"][0])))
+        obs, *_ = env.step(np.array([1, 2, 3]))
+    fills = [i for i in range(len(caches)) if i == 0 or caches[i][0] != caches[i - 1][0]]
+    new_episode = [i for i in range(1, len(caches))
+                   if caches[i][2] != caches[i - 1][2] + 1 or not (caches[i][1] == caches[i - 1][1]).all()]
+    assert new_episode and fills == sorted({0, 4, *new_episode}) and len(fills) < len(caches)
