@@ -70,6 +70,7 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
                 single.reset()
         results[f"{kind}_env_steps_per_s_one_at_a_time"] = steps / (time.perf_counter() - t0)
         results[f"{kind}_batching_speedup"] = results[f"{kind}_env_steps_per_s_batched"] / results[f"{kind}_env_steps_per_s_one_at_a_time"]
+    results.update(_incremental_sampling(cfg, env_cfg, frozen, num_envs))
     ray.init(address="local", num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
     trial = PpoTrial(cfg, root_p / "ppo")
     trial.before = {}
@@ -86,6 +87,41 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     results.update(train_batch=train_batch, num_envs=num_envs, anchor_kl=anchor_kl, window=cfg.window,
                    observation_rows=cfg.context + 1)
     return results
+
+
+def _incremental_sampling(cfg, env_cfg, frozen, num_envs: int) -> dict:
+    """A context decoder's sampling path (key/value cache, one new position per step) against the full prefix the
+    learner recomputes: the mean and largest |Δ log π(a)| of the sampled actions over one episode of every
+    sub-environment (bf16 rounds differently for different matmul shapes), and both paths' speeds."""
+    import numpy as np
+    import torch
+
+    from models.policy import DecoderPolicy
+    from rl_env.token_env import make_token_vec_env
+
+    env = make_token_vec_env(env_cfg, num_envs, frozen=frozen)
+    module = DecoderPolicy(observation_space=env.single_observation_space, action_space=env.single_action_space,
+                           model_config={"decoder": str(cfg.decoder), "model": cfg.model, "dtype": cfg.dtype})
+    if not module.decoder.needs_context:
+        return {}
+    obs, _ = env.reset(seed=0)
+    gaps, t_step, t_full = [], 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(cfg.window):
+            batch = {k: torch.as_tensor(v) for k, v in obs.items()}
+            t0 = time.perf_counter()
+            step = module.sample_logits(batch).log_softmax(-1)
+            t1 = time.perf_counter()
+            full = module.logits(batch).log_softmax(-1)
+            t_step, t_full = t_step + t1 - t0, t_full + time.perf_counter() - t1
+            actions = torch.distributions.Categorical(logits=step).sample()
+            rows = torch.arange(len(actions))
+            gaps.append((step[rows, actions] - full[rows, actions]).abs())
+            obs, *_ = env.step(np.asarray(actions))
+    gaps = torch.cat(gaps)
+    return {"sampling_logp_mean_abs_gap": float(gaps.mean()), "sampling_logp_max_abs_gap": float(gaps.max()),
+            "sampling_steps_per_s_kv_cache": cfg.window * num_envs / t_step,
+            "sampling_steps_per_s_full_prefix": cfg.window * num_envs / t_full}
 
 
 def bench_rl(model: str, layer: int, latents: int, k: int, dtype: str, decoder: str = "", iterations: int = 2,
