@@ -40,6 +40,13 @@ FAITHFULNESS_MEANINGS = {
 
 EXPLANATION_TITLES = {"attribution": "From feature attributions", "decoder": "Explanation decoder", "llm": "LLM"}
 
+LABEL_STATUS_MEANINGS = {
+    "verified": "verified: held-out detection AUROC ≥ 0.8, above the shuffled-label control",
+    "statistic": "statistic: tokens and n-grams where the feature fires, a description, not a verified explanation",
+    "unverified": "unverified: a model's label that failed scoring or was not scored; not an explanation",
+}
+"""What each label status means (`records.LabelStatus`), shown beside the labels in both dashboards."""
+
 
 # -- shared formatting -------------------------------------------------------------------------
 def _finite(x: Any) -> float | None:
@@ -85,8 +92,18 @@ def _meta(expl: Explanation) -> list[tuple[str, str]]:
                                      ("decoder", expl.decoder)) if v is not None]
 
 
-def _label(label: Any) -> str:
-    return _e(label) if label else "[dim italic]unlabelled[/]"
+def _status(status: Any) -> str:
+    """A known label status; anything else (e.g. from a hand-edited JSON) is shown as unverified."""
+    return status if status in LABEL_STATUS_MEANINGS else "unverified"
+
+
+def _label(f: FeatureAttribution) -> str:
+    if not f.label:
+        return "[dim italic]unlabelled[/]"
+    status = _status(f.label_status)
+    if status == "verified":
+        return f"[green]✓[/] {_e(f.label)}"
+    return f"[yellow]{status}[/] [dim]{_e(f.label)}[/]"
 
 
 # -- terminal ----------------------------------------------------------------------------------
@@ -124,10 +141,12 @@ def _interpretation_panel(expl: Explanation) -> Panel:
     for rank, f in enumerate(expl.features[:TERMINAL_FEATURES], 1):
         attr = _finite(f.attribution) or 0.0
         colour = "green" if attr >= 0 else "red"
-        table.add_row(str(rank), _e(f.id), _label(f.label), _num(f.activation), f"[{colour}]{attr:+.3f}[/]",
+        table.add_row(str(rank), _e(f.id), _label(f), _num(f.activation), f"[{colour}]{attr:+.3f}[/]",
                       _pct(f.share), _num(f.label_scores.get("detection_auroc")))
+    statuses = {_status(f.label_status) for f in expl.features[:TERMINAL_FEATURES] if f.label}
+    legend = [f"[dim]{_e(LABEL_STATUS_MEANINGS[s])}[/]" for s in LABEL_STATUS_MEANINGS if s in statuses]
     texts = [f"[bold]{EXPLANATION_TITLES[k]}:[/] {_e(v)}" for k, v in expl.explanations.to_json().items() if v]
-    return Panel(Group(table, "", *texts) if texts else table, title="INTERPRETATION", title_align="left")
+    return Panel(Group(table, *legend, *([""] + texts if texts else [])), title="INTERPRETATION", title_align="left")
 
 
 def _faithfulness_rows(faith: Faithfulness, top1_kept: str, top1_lost: str) -> list[tuple[str, str, str]]:
@@ -198,12 +217,22 @@ def _feature_view(f: FeatureAttribution, max_attr: float) -> dict:
         scale = max(acts, default=0.0)
         examples.append([_heat_token(t, acts[i] if i < len(acts) else 0.0, scale, center=(i == ex.center))
                          for i, t in enumerate(ex.tokens)])
-    return {"id": f.id, "label": f.label or None, "act": _num(f.activation),
+    status = _status(f.label_status) if f.label else None
+    return {"id": f.id, "label": f.label or None, "status": status,
+            "status_text": _status_text(status, f.label_scores.get("detection_auroc")) if status else None,
+            "status_meaning": LABEL_STATUS_MEANINGS.get(status, ""), "act": _num(f.activation),
             "attr": f"{attr:+.3f}", "attr_w": f"{100 * abs(attr) / max_attr:.1f}" if max_attr > 0 else "0",
             "attr_neg": attr < 0, "share": _pct(f.share), "density": _pct_small(ctx.density if ctx else None),
             "scores": [(k, _num(v)) for k, v in f.label_scores.items()], "examples": examples,
             "promoted": [(_visible(str(t)), _num(v)) for t, v in (ctx.promoted if ctx else [])[:8]],
             "hist": _histogram_svg(*ctx.histogram, _finite(f.activation)) if ctx else None}
+
+
+def _status_text(status: str, auroc: Any) -> str:
+    """The badge beside a label: its status and detection AUROC ("not scored" for an unscored model label)."""
+    if _finite(auroc) is not None:
+        return f"{status} · detection AUROC {_num(auroc)}"
+    return status if status == "statistic" else f"{status} · not scored"
 
 
 def _pct_small(x: Any) -> str:

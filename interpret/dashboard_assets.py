@@ -84,7 +84,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
   <article class="card feature" id="f-{{ f.id }}">
     <header>
       <span class="rank">#{{ loop.index }}</span>
-      <h3>{% if f.label %}{{ f.label }}{% else %}<span class="unlabelled">unlabelled</span>{% endif %}</h3>
+      <h3>{% if f.label %}<span class="label {{ f.status }}">{{ f.label }}</span> <span class="badge {{ f.status }}" title="{{ f.status_meaning }}">{{ f.status_text }}</span>{% else %}<span class="unlabelled">unlabelled</span>{% endif %}</h3>
       <span class="fid">feature {{ f.id }}</span>
     </header>
     <div class="figures">
@@ -165,6 +165,10 @@ code, .token { font-family: var(--mono); }
 .frozen { margin: .2rem 0; color: var(--muted); }
 .badge { border-radius: 999px; padding: .05rem .55rem; font-size: .78rem; font-weight: 600; color: #fff; }
 .badge.ok { background: var(--pos); } .badge.bad { background: var(--neg); }
+.badge.verified { background: var(--pos); } .badge.statistic { background: var(--muted); }
+.badge.unverified { background: var(--accent); } .badge { white-space: nowrap; }
+.label.unverified, .label.statistic, .lbl.unverified, .lbl.statistic { color: var(--muted); }
+.status { font-size: .72rem; color: var(--muted); white-space: nowrap; }
 .topk { list-style: none; padding: 0; margin: .5rem 0 0; display: grid; gap: .25rem; }
 .topk li { display: grid; grid-template-columns: minmax(3rem, 45%) 1fr 3rem; gap: .6rem; align-items: center; font-size: .9rem; }
 .num { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
@@ -184,7 +188,7 @@ code, .token { font-family: var(--mono); }
 #token-features { border-left: 3px solid var(--accent); padding: .2rem 0 .2rem .9rem; min-height: 6rem; }
 #token-features h3 { font-size: .9rem; margin-bottom: .4rem; }
 #token-features ol { margin: 0; padding: 0; list-style: none; display: grid; gap: .3rem; }
-#token-features li { display: grid; grid-template-columns: 3.6rem 1fr 3.2rem; gap: .5rem; align-items: center; font-size: .88rem; }
+#token-features li { display: grid; grid-template-columns: 3.6rem 1fr auto 3.2rem; gap: .5rem; align-items: center; font-size: .88rem; }
 #token-features li a, #token-features li .fid { font-family: var(--mono); color: var(--muted); font-size: .8rem; }
 #token-features .lbl { overflow-wrap: anywhere; }
 #token-features .act { text-align: right; font-variant-numeric: tabular-nums; }
@@ -251,7 +255,9 @@ _JS = """
       const ref = cards.has("f-" + id) ? el("a", null, "#" + id) : el("span", "fid", "#" + id);
       if (ref.tagName === "A") ref.href = "#f-" + id;
       li.appendChild(ref);
-      li.appendChild(f.label ? el("span", "lbl", String(f.label)) : el("span", "lbl unlabelled", "unlabelled"));
+      const status = ["verified", "statistic"].includes(f.label_status) ? f.label_status : "unverified";
+      li.appendChild(f.label ? el("span", "lbl " + status, String(f.label)) : el("span", "lbl unlabelled", "unlabelled"));
+      li.appendChild(el("span", "status", f.label ? status : ""));
       const act = el("span", "act", (Number(f.activation) || 0).toFixed(2));
       act.style.background = "rgba(245, 140, 20, " + (0.1 + 0.8 * Math.abs(Number(f.activation) || 0) / top).toFixed(3) + ")";
       li.appendChild(act);

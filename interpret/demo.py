@@ -18,7 +18,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -75,8 +75,12 @@ class DemoConfig:
     ppo_steps: int = 2_048
     """Environment steps of the short PPO phase."""
 
-    label_top: int = 40
+    label_top: int = 20
     """Most important features labelled by the local model and scored."""
+
+    label_sample: int = 40
+    """Live features in the stratified random sample labelled by the local model and scored: the eval table's
+    coverage is estimated on it (a real estimate needs `features label --sample 200` or more)."""
 
     eval_tokens: int = 4_096
     """Held-out tokens per corpus for the eval table."""
@@ -226,16 +230,17 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
     stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", "evidence",
                 evidence_cfg, evidence, run.evidence)
 
-    t = stages.start(f"labels for the {cfg.label_top} most important features (local model) and their scores")
+    t = stages.start(f"labels for a random sample of {cfg.label_sample} live features and the {cfg.label_top} most "
+                     "important (local model; stats labels for all) and their scores")
     # the stats labels use the same settings as the local model's, which the record holds
-    label_cfg = LabelConfig(run=out, top=cfg.label_top, backend="local", local_model=cfg.model)
+    label_cfg = LabelConfig(run=out, sample=cfg.label_sample, top=cfg.label_top, backend="local", local_model=cfg.model)
     score_cfg = ScoreConfig(run=out, n_examples=6, local_model=cfg.model)
     local = functools.cache(lambda: _local_labeler(frozen))
 
     def labels() -> None:
         from interpret.labels import run_label
 
-        run_label(LabelConfig(run=out, top=cfg.label_top, backend="stats", local_model=cfg.model))
+        run_label(replace(label_cfg, backend="stats"))
         run_label(label_cfg, labeler=local())
 
     def scores() -> None:

@@ -22,7 +22,7 @@ TARGETS: dict[str, tuple[str, str, Callable[[float], bool]]] = {
     "task_degradation": ("task-suite exact-match loss vs the frozen model (points; the design's < 3 is on next-token "
                          "accuracy, the row above, and is applied here too)", "< 3", lambda v: v < 3.0),
     "label_coverage": ("live features with a verified label (held-out detection AUROC ≥ 0.8, above the "
-                       "shuffled-label control)", "> 85%", lambda v: v > 0.85),
+                       "shuffled-label control), in a stratified random sample", "> 85%", lambda v: v > 0.85),
     "ood_kl": ("out-of-domain decoder KL, nats/token", "< 1.0", lambda v: v < 1.0),
     "fvu": ("SAE reconstruction: fraction of variance unexplained", "< 0.2", lambda v: v < 0.2),
     "mse": ("SAE reconstruction: MSE on normalised activations (E‖x‖² = d)", "< 0.2", lambda v: v < 0.2),
@@ -45,26 +45,33 @@ class MetricRow:
     """None when the run has nothing to measure it on (see `note`)."""
     passed: bool | None
     note: str = ""
+    ci95: list[float] | None = None
+    """A 95% interval of `value` when it is an estimate from a sample (label coverage)."""
 
     @classmethod
-    def measure(cls, metric: str, value: float | None, note: str = "") -> MetricRow:
-        """The row for `metric`, judged against its target."""
+    def measure(cls, metric: str, value: float | None, note: str = "", ci95: list[float] | None = None) -> MetricRow:
+        """The row for `metric`, judged against its target (on the point estimate)."""
         desc, target, test = TARGETS[metric]
-        return cls(metric, desc, target, value, None if value is None else bool(test(value)), note)
+        return cls(metric, desc, target, value, None if value is None else bool(test(value)), note, ci95)
 
     @property
     def shown_value(self) -> str:
         if self.value is None:
             return "—"
-        return f"{self.value:.1%}" if self.metric in PERCENT else f"{self.value:.3f}"
+        shown = f"{self.value:.1%}" if self.metric in PERCENT else f"{self.value:.3f}"
+        if self.ci95 is None:
+            return shown
+        lo, hi = self.ci95
+        return f"{shown} [{lo:.1%}, {hi:.1%}]" if self.metric in PERCENT else f"{shown} [{lo:.3f}, {hi:.3f}]"
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "description": self.description, "target": self.target, "value": self.value,
-                "passed": self.passed, "note": self.note}
+        d = {"metric": self.metric, "description": self.description, "target": self.target, "value": self.value,
+             "passed": self.passed, "note": self.note}
+        return d if self.ci95 is None else {**d, "ci95": self.ci95}
 
     @classmethod
     def from_json(cls, d: dict) -> MetricRow:
-        return cls(d["metric"], d["description"], d["target"], d["value"], d["passed"], d.get("note", ""))
+        return cls(d["metric"], d["description"], d["target"], d["value"], d["passed"], d.get("note", ""), d.get("ci95"))
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Method 1 ranks features by their attribution to the decoder's log-prob of its predicted token y at the
 last position (activation × gradient, summed over the positions where a feature fires; BOS excluded),
-not by raw activation. The top `--top` features are the explanation. Its faithfulness, with p = the
+not by raw activation. The top `--top` features are the explanation, each named by its best verified label
+(`labels.shown_labels`; a statistics or unverified label is marked as such). Its faithfulness, with p = the
 decoder's probability of y:
 
 - sufficiency = min(1, p_keep(y) / p(y)): only the named features are kept (every other feature at every
@@ -42,6 +43,7 @@ from interpret.explain_records import (
     TokenFeature,
     TokenProb,
 )
+from interpret.records import ShownLabel
 from interpret.run import InterpretRun
 
 log = logging.getLogger(__name__)
@@ -95,41 +97,45 @@ def _feature_context(fe) -> FeatureContext:
 
 
 def _named_features(comp: Components, ids: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                    attr: torch.Tensor, attr_F: torch.Tensor, named: list[int], labels: dict[int, str], evidence,
-                    scores: dict) -> list[FeatureAttribution]:
+                    attr: torch.Tensor, attr_F: torch.Tensor, named: list[int], labels: dict[int, ShownLabel],
+                    evidence) -> list[FeatureAttribution]:
     total = attr_F.abs().sum().item()
     last_act = {int(i): float(v) for i, v in zip(indices[0, -1].tolist(), values[0, -1].tolist()) if v > 0}
     features = []
     for f in named:
         pos_attr = (attr[0] * (indices[0] == f)).sum(-1)
         peak = int(pos_attr.abs().argmax())
+        shown = labels.get(f)
         features.append(FeatureAttribution(
-            id=f, label=labels.get(f), activation=last_act.get(f, 0.0),
+            id=f, label=shown.text if shown else None, activation=last_act.get(f, 0.0),
             max_activation_in_input=float((values[0] * (indices[0] == f)).sum(-1).max()),
             attribution=float(attr_F[f]), share=abs(float(attr_F[f])) / total if total else 0.0,
-            peak_position=peak, peak_token=comp.token_string(int(ids[0, peak])), label_scores=scores.get(f, {}),
-            context=_feature_context(evidence[f]) if evidence is not None and f in evidence else None))
+            peak_position=peak, peak_token=comp.token_string(int(ids[0, peak])),
+            label_scores=dict(shown.scores) if shown else {},
+            context=_feature_context(evidence[f]) if evidence is not None and f in evidence else None,
+            label_status=shown.status if shown else None, label_backend=shown.backend if shown else None))
     return features
 
 
 def _token_strip(comp: Components, ids: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                 labels: dict[int, str]) -> list[TokenActivations]:
+                 labels: dict[int, ShownLabel]) -> list[TokenActivations]:
     tokens = []
     for t in range(ids.shape[1]):
         acts = [(float(v), int(i)) for i, v in zip(indices[0, t].tolist(), values[0, t].tolist()) if v > 0 and t > 0]
         acts.sort(reverse=True)
-        tokens.append(TokenActivations(comp.token_string(int(ids[0, t])),
-                                       [TokenFeature(i, v, labels.get(i)) for v, i in acts[:8]]))
+        tokens.append(TokenActivations(comp.token_string(int(ids[0, t])), [_token_feature(i, v, labels.get(i))
+                                                                          for v, i in acts[:8]]))
     return tokens
 
 
-def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labels: dict[int, str] | None = None,
-            evidence=None, scores: dict | None = None, seed: int = 0) -> Explanation:
+def explain(comp: Components, text: str, top: int = 10, chat: bool = False,
+            labels: dict[int, ShownLabel] | None = None, evidence=None, seed: int = 0) -> Explanation:
     """Name the `top` features behind the decoder's next token for `text`, and test that account (see the module doc).
 
-    `labels`, `evidence` and `scores` are the run's side data (any may be missing); `seed` draws the random baseline.
+    `labels` (`labels.load_shown_labels`) and `evidence` are the run's side data (either may be missing); `seed`
+    draws the random baseline.
     """
-    labels, scores = labels or {}, scores or {}
+    labels = labels or {}
     ids = encode_input(comp, text, chat)
     frozen_logits, store = comp.frozen.forward(ids, [comp.layer])
     frozen_probs = frozen_logits[0, -1].float().softmax(-1)
@@ -151,7 +157,7 @@ def explain(comp: Components, text: str, top: int = 10, chat: bool = False, labe
     rng = random.Random(seed)
     rand = [faithfulness(comp, indices, values, y, rng.sample(active, min(top, len(active)))) for _ in range(5)] if active else []
     faith = Faithfulness.measure(faithfulness(comp, indices, values, y, named), len(named), top_share(attr_F, 10), rand)
-    features = _named_features(comp, ids, indices, values, attr, attr_F, named, labels, evidence, scores)
+    features = _named_features(comp, ids, indices, values, attr, attr_F, named, labels, evidence)
     return Explanation(
         text=text, model=comp.frozen.name, layer=comp.layer, run=str(comp.run.root), decoder=comp.meta.get("arch"),
         chat=chat, prediction=prediction, tokens=_token_strip(comp, ids, indices, values, labels), features=features,
@@ -180,34 +186,28 @@ def _attribution_text(token: str, p: float, features: list[FeatureAttribution]) 
     return text + "."
 
 
-def _load_side_data(run: InterpretRun) -> tuple[dict, object, dict]:
-    labels, evidence, scores = {}, None, {}
-    if run.labels.is_file():
-        from interpret.labels import load_labels
+def _token_feature(fid: int, activation: float, shown: ShownLabel | None) -> TokenFeature:
+    return TokenFeature(fid, activation, shown.text if shown else None, shown.status if shown else None)
 
-        labels = load_labels(run)
+
+def _load_side_data(run: InterpretRun) -> tuple[dict[int, ShownLabel], object]:
+    labels, evidence = {}, None
+    if run.labels.is_file():
+        from interpret.labels import load_shown_labels
+
+        labels = load_shown_labels(run)
     if run.evidence.is_file():
         from interpret.evidence import load_evidence
 
         evidence = load_evidence(run)
-    if run.scores.is_file():
-        from interpret.scoring import SCORE_KEYS
-
-        data = json.loads(run.scores.read_text()).get("features", {})
-        for f, by_backend in data.items():
-            for backend in ("openai", "local", "stats"):
-                if backend in by_backend:
-                    scores[int(f)] = {k: by_backend[backend][k] for k in SCORE_KEYS
-                                      if isinstance(by_backend[backend].get(k), (int, float))}
-                    break
-    return labels, evidence, scores
+    return labels, evidence
 
 
 def run_explain(cfg: ExplainConfig) -> Explanation:
     run = InterpretRun(cfg.run)
     comp = load_components(run, cfg)
-    labels, evidence, scores = _load_side_data(run)
-    result = explain(comp, cfg.text, cfg.top, cfg.chat, labels, evidence, scores)
+    labels, evidence = _load_side_data(run)
+    result = explain(comp, cfg.text, cfg.top, cfg.chat, labels, evidence)
     if run.explainer.is_dir():
         from interpret.explainer import ExplanationDecoder
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from interpret.records import Example
+from interpret.records import Example, LabelStatus
 
 
 @dataclass
@@ -151,23 +151,35 @@ class FeatureAttribution:
     label_scores: dict[str, float] = field(default_factory=dict)
     """The label's scores (detection_auroc, detection_balanced_acc, fuzzing_auroc, embedding_auroc), if the run has scores."""
     context: FeatureContext | None = None
+    label_status: LabelStatus | None = None
+    """verified, statistic or unverified (`records.LabelStatus`); None without a label."""
+    label_backend: str | None = None
+    """The backend that made the label (local, openai, stats)."""
 
     @property
     def name(self) -> str:
-        return f"#{self.id}" + (f" ({self.label})" if self.label else "")
+        """"#id (label)" for a verified label; an unverified or statistics label is named as such."""
+        if not self.label:
+            return f"#{self.id}"
+        return f"#{self.id} ({self.label})" if self.label_status == "verified" else f"#{self.id} ({self.label_status}: {self.label})"
 
     def to_json(self) -> dict:
-        d = {"id": self.id, "label": self.label, "activation": self.activation,
-             "max_activation_in_input": self.max_activation_in_input, "attribution": self.attribution,
-             "share": self.share, "peak_position": self.peak_position, "peak_token": self.peak_token,
-             "label_scores": self.label_scores}
+        d = {"id": self.id, "label": self.label, "label_status": self.label_status, "label_backend": self.label_backend,
+             "activation": self.activation, "max_activation_in_input": self.max_activation_in_input,
+             "attribution": self.attribution, "share": self.share, "peak_position": self.peak_position,
+             "peak_token": self.peak_token, "label_scores": self.label_scores}
         return {**d, **self.context.to_json()} if self.context is not None else d
 
     @classmethod
     def from_json(cls, d: dict) -> FeatureAttribution:
         return cls(int(d["id"]), d.get("label"), d["activation"], d["max_activation_in_input"], d["attribution"],
                    d["share"], int(d["peak_position"]), d["peak_token"], dict(d.get("label_scores") or {}),
-                   FeatureContext.from_json(d) if "density" in d else None)
+                   FeatureContext.from_json(d) if "density" in d else None, _status(d), d.get("label_backend"))
+
+
+def _status(d: dict) -> LabelStatus | None:
+    """A label's status; a label saved without one (older output) is taken as unverified."""
+    return d.get("label_status") or ("unverified" if d.get("label") else None)
 
 
 @dataclass
@@ -175,9 +187,10 @@ class TokenFeature:
     id: int
     activation: float
     label: str | None = None
+    label_status: LabelStatus | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.id, "activation": self.activation, "label": self.label}
+        return {"id": self.id, "activation": self.activation, "label": self.label, "label_status": self.label_status}
 
 
 @dataclass
@@ -192,7 +205,8 @@ class TokenActivations:
 
     @classmethod
     def from_json(cls, d: dict) -> TokenActivations:
-        return cls(d["text"], [TokenFeature(int(f["id"]), f["activation"], f.get("label")) for f in d.get("features", [])])
+        return cls(d["text"], [TokenFeature(int(f["id"]), f["activation"], f.get("label"), _status(f))
+                               for f in d.get("features", [])])
 
 
 @dataclass

@@ -16,6 +16,11 @@ from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
 
 SCORERS = ("detection", "fuzzing", "embedding")
+SCORE_KEYS = ("detection_auroc", "detection_balanced_acc", "fuzzing_auroc", "embedding_auroc")
+"""The scores of a label, as named in scores.json."""
+SCORER_KEYS = {"detection": ("detection_auroc", "detection_threshold", "detection_balanced_acc"),
+               "fuzzing": ("fuzzing_auroc",), "embedding": ("embedding_auroc",)}
+"""--scorers name → the keys it writes in a scores.json row."""
 
 
 @dataclass
@@ -63,13 +68,23 @@ class BackendConfig:
 
 @dataclass
 class LabelConfig(BackendConfig):
-    """Label the most important SAE features from their evidence (cached; only changed features are relabelled)."""
+    """Label SAE features from their evidence: a model labels a stratified random sample of live features and the
+    most important ones, the stats backend every live feature (cached; only changed features are relabelled)."""
 
-    top: int = 200
-    """Label the first N features of importance.json (else the N densest live features)."""
+    sample: int = 200
+    """Model backends: label a random sample of N live features, stratified by density decile (all live features
+    when there are fewer); `features score` scores it and the eval table's coverage is estimated on it."""
+
+    top: int = 50
+    """Model backends: also label the N most important features (importance.json order, else the densest); they
+    are scored too, but kept apart from the coverage estimate."""
+
+    seed: int = 0
+    """Seed of the random sample."""
 
     backend: Literal["local", "openai", "stats"] = "local"
-    """local: an HF instruct model; openai: an OpenAI-compatible endpoint; stats: tokens and n-grams, no model."""
+    """local: an HF instruct model; openai: an OpenAI-compatible endpoint; stats: tokens and n-grams, no model,
+    for every live feature."""
 
     examples: int = 8
     """Top-activating contexts shown to the labeller per feature."""
@@ -79,16 +94,21 @@ class LabelConfig(BackendConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.top < 1:
-            raise ConfigError(f"--top: expected at least 1 feature, got {self.top}")
+        if self.sample < 0:
+            raise ConfigError(f"--sample: expected a number of features ≥ 0, got {self.sample}")
+        if self.top < 0:
+            raise ConfigError(f"--top: expected a number of features ≥ 0, got {self.top}")
+        if self.sample + self.top < 1:
+            raise ConfigError("--sample, --top: expected at least one feature to label, got 0 and 0")
         if self.examples < 1:
             raise ConfigError(f"--examples: expected at least 1 context per feature, got {self.examples}")
 
 
 @dataclass
 class ScoreConfig(BackendConfig):
-    """Score labels on contexts the labeller never saw: detection and fuzzing AUROC by a simulator model, embedding
-    AUROC offline; a label is verified when its detection AUROC ≥ 0.8 beats the same labels shuffled across features."""
+    """Score the labels of the features `features label` selected (its random sample and top features) on contexts
+    the labeller never saw: detection and fuzzing AUROC by a simulator model, embedding AUROC offline; a label is
+    verified when its detection AUROC ≥ 0.8 beats the same labels shuffled across features."""
 
     labels: Literal["all", "local", "openai", "stats"] = "all"
     """Score the labels of this backend (all: every backend's labels found in labels.json)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -84,3 +85,22 @@ class FeatureEvidence:
             suppressed=[(str(t), float(v)) for t, v in d.get("suppressed", [])],
             histogram=(list(hist["edges"]), list(hist["counts"])),
         )
+
+
+LabelStatus = Literal["verified", "statistic", "unverified"]
+"""verified: held-out detection AUROC ≥ 0.8 and above the shuffled-label control; statistic: the stats backend's
+summary of the evidence (tokens, n-grams), a description rather than an explanation; unverified: a model's label
+that failed scoring or was not scored."""
+
+
+@dataclass
+class ShownLabel:
+    """The label the dashboards show for a feature: its best verified label, else its statistics label, else a
+    model's unverified label, marked as such."""
+
+    text: str
+    backend: str
+    """The label backend that made it (local, openai, stats)."""
+    status: LabelStatus
+    scores: dict[str, float] = field(default_factory=dict)
+    """Its scores from scores.json (detection_auroc, ...), when it was scored."""

@@ -3,8 +3,9 @@
 Rows (target, measured value, pass/fail): decoder faithfulness KL(p_frozen ‖ p_decoder) and top-1
 agreement, SAE sparsity (L0) and reconstruction (FVU, normalised MSE), task-accuracy degradation
 (frozen − decoder exact match, in accuracy points), feature-label coverage (share of live features
-with a verified label: held-out detection AUROC ≥ 0.8, above the shuffled-label control, not dense;
-see interpret/scoring.py), out-of-domain KL, and explanation coverage
+with a verified label: held-out detection AUROC ≥ 0.8, above the shuffled-label control, not dense; estimated
+on the stratified random sample of `features label --sample`, with its Wilson 95% interval; see
+interpret/coverage.py), out-of-domain KL, and explanation coverage
 (top-10 share of |attribution| per prediction, from `features importance`). Baselines beside them: the
 logit lens, the tuned lens, the SAE-spliced model, and the supervised-only vs PPO-tuned decoder.
 A row that cannot be measured for this run (no labels yet, no PPO run) is shown as not measured.
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from interpret.config import EvalConfig
+from interpret.coverage import Selection, coverage_note, verified_share
 from interpret.eval_records import TARGETS, Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.run import InterpretRun
 from models.errors import ConfigError
@@ -52,25 +54,23 @@ def _resolve(run: InterpretRun, cfg: EvalConfig, meta: dict) -> tuple[EvalConfig
 
 
 def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
-    """The label-coverage row, and the label scores' summary it was computed from."""
-    if not (run.scores.is_file() and run.evidence.is_file()):
+    """The label-coverage row (the verified fraction of the scored random sample, with its Wilson 95% interval),
+    and the label scores' summary it was computed from."""
+    if not run.scores.is_file():
         return MetricRow.measure("label_coverage", None, "not measured: run `features label` and `features score`"), {}
-    live = int(json.loads(run.evidence.read_text())["live"])
     scores = json.loads(run.scores.read_text())
-    best: dict[str, bool] = {}  # feature → whether any backend's label is verified; dense features apart
-    dense = 0
-    for f, by_backend in scores.get("features", {}).items():
-        if any(s.get("dense") for s in by_backend.values()):
-            dense += 1
-            continue
-        judged = [s["verified"] for s in by_backend.values() if s.get("verified") is not None]
-        if judged:
-            best[f] = any(judged)
-    verified = sum(best.values())
-    note = (f"{verified} of {live:,} live features verified; {len(best)} scored"
-            + (f", of which {verified / len(best):.0%} pass" if best else "")
-            + (f"; {dense} dense features scored apart" if dense else ""))
-    return MetricRow.measure("label_coverage", verified / max(1, live), note), scores.get("summary", {})
+    selection = Selection.from_json(scores["selection"]) if scores.get("selection") else None
+    if selection is None or not selection.sample:
+        return MetricRow.measure("label_coverage", None, "not measured: no random sample of live features was scored; "
+                                 "run `features label --sample N` and `features score`"), scores.get("summary", {})
+    rows = scores.get("features", {})
+    share = verified_share({fid: rows.get(str(fid), {}) for fid in selection.sample})
+    top_only = [fid for fid in selection.top if fid not in set(selection.sample)]
+    note = coverage_note(share, selection.live)
+    if top_only:
+        top = verified_share({fid: rows.get(str(fid), {}) for fid in top_only})
+        note += f"; the {len(top_only)} --top features outside it are kept apart ({top['verified']} verified)"
+    return MetricRow.measure("label_coverage", share["verified_frac"], note, share["verified_ci95"]), scores.get("summary", {})
 
 
 def _importance_share_row(run: InterpretRun) -> MetricRow:

@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.prompt import Prompt
 
+from interpret.coverage import live_density, most_important
 from interpret.label_config import ReviewConfig
-from interpret.labels import load_label_records, now_iso, read_json, select_features
+from interpret.labels import load_label_records, now_iso, read_json
 from interpret.records import FeatureEvidence
 from interpret.run import InterpretRun
 from models.errors import ConfigError
@@ -95,7 +96,7 @@ def _order(run: InterpretRun, records: dict, evidence: dict, top: int) -> list[i
         ranked = [int(f["id"]) for f in json.loads(run.importance.read_text())["features"]]
         return [fid for fid in ranked if fid in records][:top]
     if evidence:
-        return [fid for fid in select_features(run, evidence, len(evidence)) if fid in records][:top]
+        return [fid for fid in most_important(run, live_density(evidence), len(evidence)) if fid in records][:top]
     return sorted(records)[:top]
 
 

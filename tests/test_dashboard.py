@@ -21,11 +21,13 @@ XSS_IMG = "<img src=x onerror=\"window.__pwned = 2; alert(2)\">"
 XSS_BREAKOUT = "\"quotes\" '</script><script>window.__pwned = 3</script>' {{ 7*7 }} `tick` </div>"
 
 
-def _feature(fid: int, label: str | None, act: float, attr: float, share: float, peak: int) -> dict:
+def _feature(fid: int, label: str | None, act: float, attr: float, share: float, peak: int, status: str | None = None,
+             auroc: float = 0.81) -> dict:
     return {
-        "id": fid, "label": label, "activation": act, "max_activation_in_input": act, "attribution": attr,
+        "id": fid, "label": label, "label_status": status, "label_backend": "local" if label else None,
+        "activation": act, "max_activation_in_input": act, "attribution": attr,
         "share": share, "peak_position": peak, "peak_token": {3: " 17", 6: "?"}[peak],
-        "label_scores": {"detection_auroc": 0.81, "fuzzing_auroc": 0.7, "embedding_auroc": 0.66} if label else {},
+        "label_scores": {"detection_auroc": auroc, "fuzzing_auroc": 0.7, "embedding_auroc": 0.66} if label else {},
         "density": 0.012,
         "examples": [
             {"tokens": ["Question", ":", " What", " is", " 4", "2", " +", " 1", "?"],
@@ -42,22 +44,24 @@ def _feature(fid: int, label: str | None, act: float, attr: float, share: float,
 def sample_json() -> dict:
     """An explanation's `--json` object, with hostile strings in every data field."""
     features = [
-        _feature(12, "numbers in arithmetic", 3.1, 0.52, 0.18, 3),
-        _feature(88, "[bold]x[/] " + XSS_SCRIPT, 2.4, 0.31, 0.11, 3),
-        _feature(7, XSS_IMG, 1.2, -0.12, 0.04, 3),
+        _feature(12, "numbers in arithmetic", 3.1, 0.52, 0.18, 3, "verified", 0.91),
+        _feature(88, "[bold]x[/] " + XSS_SCRIPT, 2.4, 0.31, 0.11, 3, "verified"),
+        _feature(7, XSS_IMG, 1.2, -0.12, 0.04, 3, "unverified", 0.52),
         _feature(301, None, 0.9, 0.05, 0.02, 6),
     ]
     tokens = [
         {"text": "<|im_start|>", "features": []},
-        {"text": "What", "features": [{"id": 40, "activation": 2.2, "label": "question words"},
-                                      {"id": 12, "activation": 0.3, "label": "numbers in arithmetic"}]},
-        {"text": " is", "features": [{"id": 41, "activation": 1.0, "label": None}]},
-        {"text": " 17", "features": [{"id": 12, "activation": 3.1, "label": "numbers in arithmetic"},
-                                     {"id": 88, "activation": 2.4, "label": "[bold]x[/] " + XSS_SCRIPT},
-                                     {"id": 7, "activation": 1.2, "label": XSS_IMG}]},
-        {"text": " +", "features": [{"id": 9, "activation": 1.7, "label": XSS_BREAKOUT}]},
-        {"text": " 3", "features": [{"id": 12, "activation": 2.9, "label": "numbers in arithmetic"}]},
-        {"text": "?", "features": [{"id": 301, "activation": 0.9, "label": None}]},
+        {"text": "What", "features": [{"id": 40, "activation": 2.2, "label": "question words", "label_status": "statistic"},
+                                      {"id": 12, "activation": 0.3, "label": "numbers in arithmetic",
+                                       "label_status": "verified"}]},
+        {"text": " is", "features": [{"id": 41, "activation": 1.0, "label": None, "label_status": None}]},
+        {"text": " 17", "features": [{"id": 12, "activation": 3.1, "label": "numbers in arithmetic", "label_status": "verified"},
+                                     {"id": 88, "activation": 2.4, "label": "[bold]x[/] " + XSS_SCRIPT,
+                                      "label_status": "verified"},
+                                     {"id": 7, "activation": 1.2, "label": XSS_IMG, "label_status": "unverified"}]},
+        {"text": " +", "features": [{"id": 9, "activation": 1.7, "label": XSS_BREAKOUT, "label_status": "unverified"}]},
+        {"text": " 3", "features": [{"id": 12, "activation": 2.9, "label": "numbers in arithmetic", "label_status": "verified"}]},
+        {"text": "?", "features": [{"id": 301, "activation": 0.9, "label": None, "label_status": None}]},
     ]
     return {
         "text": "What is 17 + 3? " + XSS_SCRIPT, "model": "embedded:smollm2-135m-instruct", "layer": 9,
@@ -185,6 +189,56 @@ def test_terminal_prints_markup_and_control_characters_literally():
     assert "unlabelled" in text
 
 
+# -- label status: verified labels with their AUROC, the rest marked -------------------------------
+def _status_explanation() -> Explanation:
+    d = sample_json()
+    stats = _feature(40, 'tokens " 17" · n-gram "is 17"', 0.9, 0.05, 0.02, 6, "statistic")
+    d["features"] = [_feature(12, "numbers in arithmetic", 3.1, 0.52, 0.18, 3, "verified", 0.91),
+                     _feature(7, "<b>guess</b> & co", 1.2, -0.12, 0.04, 3, "unverified", 0.52),
+                     {**stats, "label_backend": "stats", "label_scores": {}}]
+    return Explanation.from_json(d)
+
+
+def test_verified_labels_show_their_auroc_and_the_others_are_marked():
+    expl = _status_explanation()
+    by_id = {f["id"]: f for f in json.loads(json.dumps(expl.to_json()))["features"]}
+    assert [by_id[i]["label_status"] for i in (12, 7, 40)] == ["verified", "unverified", "statistic"]
+    assert by_id[12]["label_scores"]["detection_auroc"] == 0.91
+    assert [f.name for f in expl.features] == ["#12 (numbers in arithmetic)", "#7 (unverified: <b>guess</b> & co)",
+                                               '#40 (statistic: tokens " 17" · n-gram "is 17")']
+
+    console = Console(record=True, width=200)
+    render_terminal(expl, console)
+    text = console.export_text()
+    assert "✓ numbers in arithmetic" in text and "0.91" in text
+    assert "unverified <b>guess</b> & co" in text and "0.52" in text
+    assert 'statistic tokens " 17"' in text
+    assert "unverified: a model's label that failed scoring or was not scored" in text  # the legend says what it means
+
+    page = render_html(expl)
+    assert "verified · detection AUROC 0.91" in page and "unverified · detection AUROC 0.52" in page
+    assert '<span class="badge statistic"' in page and ">statistic</span>" in page
+    assert "&lt;b&gt;guess&lt;/b&gt; &amp; co" in page and "<b>guess" not in page  # the label is text
+
+
+def test_a_label_saved_without_a_status_reads_as_unverified():
+    d = sample_json()
+    for f in d["features"]:
+        f.pop("label_status")
+    expl = Explanation.from_json(d)
+    assert [f.label_status for f in expl.features] == ["unverified", "unverified", "unverified", None]
+    assert "unverified · detection AUROC 0.81" in render_html(expl)
+
+
+def test_the_llm_is_given_verified_labels_only():
+    from interpret.verbalise import verbalise_prompt
+
+    prompt = verbalise_prompt(_status_explanation())
+    assert "- numbers in arithmetic: +0.52" in prompt
+    assert "guess" not in prompt and "- feature #7 (no verified label): -0.12" in prompt
+    assert '- feature #40 (no verified label; statistics: tokens " 17" · n-gram "is 17"): +0.05' in prompt
+
+
 # -- a real browser ----------------------------------------------------------------------------
 def _browser_or_skip():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -222,6 +276,7 @@ def test_dashboard_in_headless_chromium(tmp_path):
             page.hover('.tok[data-pos="3"]')
             labels = panel.locator(".lbl").all_inner_texts()
             assert labels == ["numbers in arithmetic", "[bold]x[/] " + XSS_SCRIPT, XSS_IMG]
+            assert panel.locator(".status").all_inner_texts() == ["verified", "verified", "unverified"]
             assert panel.locator("img, script").count() == 0
             assert "Position 3" in panel.inner_text() and "3.10" in panel.inner_text()
 

@@ -287,3 +287,43 @@ def test_hostile_corpus_goes_through_labels_and_dashboard_without_executing(tiny
         finally:
             browser.close()
     assert dialogs == []
+
+
+def test_explain_names_verified_labels_and_marks_the_others(context_run, context_evidence, tiny_frozen, tmp_path, capsys):
+    """Labels and scores in the run: `explain` shows a verified label with its AUROC, marks a statistics label and
+    an unverified model label as such, in --json and in the HTML page."""
+    from faithlens_cli import main
+    from interpret.run import InterpretRun
+
+    run = InterpretRun(context_run)
+    status = {0: "verified", 1: "unverified", 2: "statistic"}  # by feature id mod 3
+    labels, scores = {}, {}
+    for f in range(64):
+        kind = status[f % 3]
+        backend = "stats" if kind == "statistic" else "local"
+        text = f"<i>label {f}</i>" if kind == "unverified" else f"label {f}"
+        labels[str(f)] = {backend: {"label": text}}
+        scores[str(f)] = {backend: {"label": text, "detection_auroc": 0.9 if kind == "verified" else 0.5,
+                                    "verified": kind == "verified"}}
+    try:
+        run.labels.write_text(json.dumps({"features": labels}))
+        run.scores.write_text(json.dumps({"features": scores}))
+        html = tmp_path / "out.html"
+        assert main(["explain", "What is 17 + 3?", "--run", str(context_run), "--model", str(tiny_frozen.name),
+                     "--json", "--html", str(html), "--top", "10"]) == 0
+        result = json.loads(capsys.readouterr().out)
+    finally:
+        run.labels.unlink()
+        run.scores.unlink()
+    page = html.read_text()
+    for f in result["features"]:
+        kind = status[f["id"] % 3]
+        assert f["label_status"] == kind and f["label"].endswith(f"label {f['id']}</i>" if kind == "unverified"
+                                                                 else f"label {f['id']}")
+        assert f["label_scores"]["detection_auroc"] == (0.9 if kind == "verified" else 0.5)
+        if kind == "unverified":
+            assert f"&lt;i&gt;label {f['id']}&lt;/i&gt;" in page
+    assert {status[f["id"] % 3] for f in result["features"]} == {"verified", "unverified", "statistic"}
+    assert all(g["label_status"] == status[g["id"] % 3] for t in result["tokens"] for g in t["features"])
+    assert "verified · detection AUROC 0.90" in page and "unverified · detection AUROC 0.50" in page
+    assert "<i>label" not in page

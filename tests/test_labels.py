@@ -68,7 +68,7 @@ def test_label_cache_skips_unchanged_features(tmp_path):
     features = [feature(1, "cat"), feature(2, "dog"), feature(3, "bird")]
     run = write_evidence(tmp_path, features)
     write_importance(run, [3, 1, 2, 7])  # 7 has no evidence: skipped
-    cfg = LabelConfig(run=tmp_path, backend="stats", top=3)
+    cfg = LabelConfig(run=tmp_path, backend="local", sample=0, top=3)
 
     first = CountingLabeler()
     out = run_label(cfg, labeler=first)
@@ -85,20 +85,20 @@ def test_label_cache_skips_unchanged_features(tmp_path):
     assert changed.calls == 1 and out["labelled"] == 1 and out["cached"] == 2
 
     forced = CountingLabeler()
-    run_label(LabelConfig(run=tmp_path, backend="stats", top=3, force=True), labeler=forced)
+    run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, force=True), labeler=forced)
     assert forced.calls == 3
 
     records = load_label_records(run)
     assert set(records) == {1, 2, 3}
-    rec = records[2]["stats"]
+    rec = records[2]["local"]
     assert rec["prompt_version"] == PROMPT_VERSION and rec["evidence_digest"] == features[1].digest()
     assert rec["evidence"]["promoted"] == ["cat", "dog"] and rec["evidence"]["top_activation"] == 3.0
-    assert json.loads((run.dir / "label_config.json").read_text())["backend"] == "stats"
+    assert json.loads((run.dir / "label_config.json").read_text())["backend"] == "local"
 
 
 def test_top_falls_back_to_densest_live_features(tmp_path):
     write_evidence(tmp_path, [feature(1, "cat", 0.01), feature(2, "dog", 0.2), feature(3, "bird", 0.0)])
-    out = run_label(LabelConfig(run=tmp_path, backend="stats", top=5))
+    out = run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=5), labeler=CountingLabeler())
     assert out["features"] == [2, 1]  # densest first; the dead feature 3 is not labelled
 
 
@@ -116,6 +116,37 @@ def test_labels_from_several_backends_coexist_and_best_is_preferred(tmp_path):
     assert set(load_label_records(run)[1]) == {"stats", "local"}
     assert load_labels(run) == {1: "cats"}
     assert load_labels(run, prefer=("stats",))[1].startswith('tokens " cat"')
+
+
+def test_dashboards_show_the_best_verified_label_else_a_marked_one():
+    from interpret.labels import shown_labels
+
+    def rec(label):
+        return {"label": label}
+
+    def row(label, auroc, verified):
+        return {"label": label, "detection_auroc": auroc, "verified": verified, "fuzzing_auroc": None}
+
+    records = {1: {"local": rec("cats"), "stats": rec("tokens cat"), "openai": rec("felines")},
+               2: {"local": rec("guess"), "stats": rec("tokens dog")},
+               3: {"local": rec("guess")},
+               4: {"local": rec("relabelled")},
+               5: {"openai": rec("noise"), "local": rec("birds")}}
+    scored = {"1": {"local": row("cats", 0.93, True), "stats": row("tokens cat", 0.97, True),
+                    "openai": row("felines", 0.5, False)},
+              "2": {"local": row("guess", 0.61, False), "stats": row("tokens dog", 0.55, False)},
+              "3": {"local": row("guess", 0.62, False)},
+              "4": {"local": row("old label", 0.95, True)},  # scored before relabelling: not this label's score
+              "5": {"openai": row("noise", 0.52, False), "local": row("birds", 0.7, False)}}
+    shown = shown_labels(records, scored)
+    assert (shown[1].text, shown[1].backend, shown[1].status) == ("tokens cat", "stats", "verified")  # best AUROC
+    assert shown[1].scores == {"detection_auroc": 0.97}
+    assert (shown[2].text, shown[2].status, shown[2].scores) == ("tokens dog", "statistic", {"detection_auroc": 0.55})
+    assert (shown[3].text, shown[3].status, shown[3].scores) == ("guess", "unverified", {"detection_auroc": 0.62})
+    assert (shown[4].text, shown[4].status, shown[4].scores) == ("relabelled", "unverified", {})
+    assert (shown[5].text, shown[5].status) == ("birds", "unverified")  # the better of two unverified labels
+    assert {fid: s.status for fid, s in shown_labels(records, {}).items()} == {
+        1: "statistic", 2: "statistic", 3: "unverified", 4: "unverified", 5: "unverified"}
 
 
 def test_stats_labeller_reports_peak_tokens_ngrams_and_promoted():
@@ -148,7 +179,11 @@ def test_clean_label_keeps_one_short_line():
 
 def test_config_errors_name_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--top"):
-        LabelConfig(run=tmp_path, top=0)
+        LabelConfig(run=tmp_path, top=-1)
+    with pytest.raises(ConfigError, match="--sample: expected a number of features ≥ 0"):
+        LabelConfig(run=tmp_path, sample=-5)
+    with pytest.raises(ConfigError, match="--sample, --top: expected at least one feature"):
+        LabelConfig(run=tmp_path, sample=0, top=0)
     with pytest.raises(ConfigError, match="--api-key-env: expected the NAME"):
         LabelConfig(run=tmp_path, api_key_env="sk-live-1234")
     with pytest.raises(ConfigError, match="--scorers"):
