@@ -74,7 +74,7 @@ def test_context_observations_are_the_sequence_from_bos_and_the_teacher_is_at_it
             data = cache.shard(shard)
             idx, val = engine.encode(data["resid.2"][row, : t + 1])
             np.testing.assert_array_equal(obs["indices"][r, : t + 1], idx)
-            np.testing.assert_allclose(obs["values"][r, : t + 1], val)
+            np.testing.assert_allclose(obs["values"][r, : t + 1], val, rtol=1e-5)  # matmul blocking varies with batch shape
             assert not obs["values"][r, t + 1 :].any()  # no future features
             np.testing.assert_array_equal(info["teacher_ids"][r], data["teacher.topk_ids"][row, t].numpy())
         obs, *_ = engine.step(np.array([1, 2]))
