@@ -12,6 +12,10 @@ from models.errors import ConfigError
 
 DEFAULT_DATA = "builtin:tasks*0.5,builtin:self*0.5"
 
+Split = Literal["train", "eval", "all", "ood"]
+"""train / eval: a deterministic hash split of the packed sequences of --data (eval: --eval-fraction of them);
+all: every sequence of --data, read whole (a file held out for evaluation); ood: the --ood sources, read whole."""
+
 
 @dataclass
 class CorpusConfig:
@@ -25,8 +29,9 @@ class CorpusConfig:
     seq_len: int = 256
     """Tokens per packed sequence, BOS included."""
 
-    split: Literal["train", "eval", "ood"] = "train"
-    """train / eval: deterministic hash split of the packed sequences of --data; ood: the --ood sources."""
+    split: Split = "train"
+    """train / eval: deterministic hash split of the packed sequences of --data (eval: --eval-fraction of them);
+    all: every sequence of --data, read whole (a held-out file); ood: the --ood sources, read whole."""
 
     eval_fraction: float = 0.05
     """Share of packed sequences that belong to the eval split."""

@@ -87,7 +87,10 @@ def sequences(cfg: CorpusConfig, tokenizer, bos_id: int, eos_id: int, frozen=Non
             f"{cfg.split} split (is it empty, or shorter than --seq-len?)"
         )
     if produced < wanted:
-        log.warning("corpus gave %d of the %d sequences asked for (%d tokens)", produced, wanted, produced * cfg.seq_len)
+        hint = (f"; --split eval reads only the {cfg.eval_fraction:.0%} eval split of --data, --split all reads a "
+                "held-out file whole" if cfg.split == "eval" else "")
+        log.warning("corpus gave %d of the %d sequences asked for (%d tokens)%s", produced, wanted,
+                    produced * cfg.seq_len, hint)
 
 
 def _source_stream(source: Source, cfg: CorpusConfig, tokenizer, bos_id: int, eos_id: int, frozen):
@@ -100,5 +103,5 @@ def _source_stream(source: Source, cfg: CorpusConfig, tokenizer, bos_id: int, eo
         return
     docs = iter_documents(source, cfg, frozen)
     for tokens, next_ids in pack_documents(docs, tokenizer, cfg.seq_len, bos_id, eos_id):
-        if cfg.split == "ood" or in_split(tokens, cfg.split, cfg.eval_fraction):
+        if cfg.split in ("all", "ood") or in_split(tokens, cfg.split, cfg.eval_fraction):
             yield tokens, next_ids

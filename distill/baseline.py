@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from corpus.config import CorpusConfig, parse_layers
+from corpus.config import CorpusConfig, Split, parse_layers
 from corpus.packing import sequences
 from models.config import ModelConfig
 from models.frozen import FrozenLM
@@ -28,8 +28,9 @@ class BaselineConfig(CorpusConfig, ModelConfig):
     layers: str = DEFAULT_LAYERS
     """Layers for the logit lens (layers beyond the model's depth are dropped; 'last' = last block)."""
 
-    split: str = "eval"
-    """Which split of --data to measure on (train, eval or ood)."""
+    split: Split = "eval"
+    """Split of --data to read: eval (its held-out hash split), all (the whole of --data: a file held out for
+    evaluation), train, or ood (the --ood sources)."""
 
     tokens: int = 20_000
     """Token positions to measure on."""

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from corpus.config import CorpusConfig
+from corpus.config import CorpusConfig, Split
 from models.config import ModelConfig
 from models.decoder import Arch
 from models.errors import ConfigError
@@ -129,8 +129,9 @@ class DecoderEvalConfig(CorpusConfig, ModelConfig):
     decoders: Annotated[tuple[Path, ...], tyro.conf.Positional] = ()
     """Decoder run folders (or decoder/ folders inside them)."""
 
-    split: Literal["train", "eval", "ood"] = "eval"
-    """Split of --data scored as in-domain (the held-out eval split by default)."""
+    split: Split = "eval"
+    """Split of --data scored as in-domain: eval (its held-out hash split), all (the whole of --data: a file held
+    out for evaluation), or train."""
 
     tokens: int = 20_000
     """Token positions per corpus (BOS positions are not scored)."""

@@ -11,7 +11,7 @@ from typing import Literal
 
 import tyro
 
-from corpus.config import CorpusConfig
+from corpus.config import CorpusConfig, Split
 from models.config import ModelConfig
 from models.errors import ConfigError
 
@@ -34,8 +34,8 @@ class ImportanceConfig(CorpusConfig, RunConfig):
     seq_len: int = 128
     """Tokens per sequence."""
 
-    split: Literal["train", "eval", "ood"] = "eval"
-    """Which split of --data to read (held-out by default)."""
+    split: Split = "eval"
+    """Which split of --data to read (held-out by default; all: the whole of --data)."""
 
     target: Literal["logprob", "logit", "kl"] = "logprob"
     """What is attributed: the log-prob (or logit) of the predicted token, or the KL to the frozen model."""
@@ -191,8 +191,9 @@ class EvalConfig(CorpusConfig, RunConfig):
     tokens: int = 8_192
     """Held-out token positions for KL / top-1 / L0 / FVU (in and out of domain each)."""
 
-    split: Literal["train", "eval", "ood"] = "eval"
-    """Split of --data scored as in-domain."""
+    split: Split = "eval"
+    """Split of --data scored as in-domain: eval (its held-out hash split), all (the whole of --data: a file held
+    out for evaluation), or train."""
 
     ood: str = ""
     """Out-of-domain source (a whole domain held out from training, e.g. builtin:tasks:boolean+copying or a GSM8K

@@ -7,6 +7,7 @@ not model, and splicing leaves them untouched.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from corpus.config import CorpusConfig
+from corpus.config import CorpusConfig, Split
 from corpus.packing import sequences
 from models.config import ModelConfig
 from models.frozen import FrozenLM
@@ -26,6 +27,15 @@ from models.io import write_json_atomic
 from models.loading import load_frozen
 from sae.model import SparseAutoencoder
 from training.layout import resolve_sae_dir
+
+log = logging.getLogger(__name__)
+
+DEAD_MIN_FIRES = 10
+"""The dead-window rule. A latent of firing density p shows no activation in N tokens with probability e^(−pN).
+The rarest live latent in the window fired c times (density ≈ c/N); once N ≥ DEAD_MIN_FIRES/p, i.e. c ≥ 10, a
+live latent that rare would go unseen with probability < e^(−10) ≈ 5·10⁻⁵, so the dead count holds no live
+latents of the densities the window has shown. With c < 10 the window is too short: latents as rare as the
+rarest live one may be counted dead by chance, and the dead fraction is an upper bound."""
 
 L0_BINS = [0, 1, 8, 16, 32, 48, 64, 80, 96, 128, 192, 256, 512, 1024, 1 << 30]
 DENSITY_BINS = [-math.inf, -7, -6, -5, -4, -3, -2, -1, 0.01]  # log10 firing frequency
@@ -79,6 +89,20 @@ class SaeStats:
         self.l0_sum += int(l0.sum())
         self.l0_counts += torch.histogram(l0.double(), torch.tensor(L0_BINS, dtype=torch.float64)).hist.long()
 
+    def dead_window(self) -> dict:
+        """The dead fraction, its window and whether the window is long enough for it (`DEAD_MIN_FIRES`)."""
+        live_counts = self.fire_counts[self.fire_counts > 0]
+        rarest = int(live_counts.min()) if live_counts.numel() else 0
+        return {
+            "dead_frac": (self.fire_counts == 0).double().mean().item(),
+            "dead_window_tokens": self.n,
+            # a latent with no activation in N tokens has density < 3/N at 95% confidence (e^-3 ≈ 0.05)
+            "dead_density_bound": 3 / self.n,
+            "rarest_live_fires": rarest,
+            "dead_window_needed": math.ceil(DEAD_MIN_FIRES * self.n / rarest) if rarest else None,
+            "dead_window_short": 0 < rarest < DEAD_MIN_FIRES,
+        }
+
     def metrics(self) -> dict:
         total_var = self.sum_sq_x - self.sum_x.pow(2).sum().item() / self.n  # Σ‖x − x̄‖²
         fvu = self.sq_err / total_var
@@ -94,8 +118,7 @@ class SaeStats:
             "mse_normalized": self.sq_err / self.sum_sq_x,  # MSE of x·s with s² = N·d_in / Σ‖x‖²
             "l0": self.l0_sum / self.n,
             "l0_histogram": {"bins": L0_BINS, "counts": self.l0_counts.tolist()},
-            "dead_frac": (self.fire_counts == 0).double().mean().item(),
-            "dead_window_tokens": self.n,
+            **self.dead_window(),
             "density_histogram": {"log10_bins": ["never"] + DENSITY_BINS[1:], "counts": hist.tolist()},
             "usage_entropy_nats": entropy,
             "usage_entropy_normalized": entropy / math.log(len(p)),
@@ -114,8 +137,9 @@ class SaeEvalConfig(CorpusConfig, ModelConfig):
     tokens: int = 32_768
     """Held-out token positions to evaluate on."""
 
-    split: str = "eval"
-    """Split of --data to evaluate on (eval, train, or ood with --ood)."""
+    split: Split = "eval"
+    """Split of --data to read: eval (its held-out hash split), all (the whole of --data: a file held out for
+    evaluation), train, or ood (the --ood sources)."""
 
     batch_size: int = 8
     """Sequences per forward pass."""
@@ -179,7 +203,7 @@ def evaluate_sae(sae: SparseAutoencoder, frozen: FrozenLM, cfg: SaeEvalConfig, l
 
 ROWS = [("fvu", "FVU", "{:.4f}", ""), ("explained_variance", "explained variance", "{:.4f}", ""),
         ("mse_normalized", "MSE (normalised, E‖x‖²=d_in)", "{:.4f}", "per element"),
-        ("l0", "L0", "{:.1f}", "latents/token"), ("dead_frac", "dead", "{:.2%}", "of latents, over the eval tokens"),
+        ("l0", "L0", "{:.1f}", "latents/token"), ("dead_frac", "dead", "{:.2%}", "of latents (window below)"),
         ("usage_entropy_normalized", "usage entropy", "{:.3f}", "÷ log(latents)"),
         ("token_purity", "token purity", "{:.3f}", "mass on a latent's top input token"),
         ("spliced_kl", "spliced KL", "{:.4f}", "nats/token"), ("delta_ce", "ΔCE", "{:.4f}", "nats/token"),
@@ -188,12 +212,26 @@ ROWS = [("fvu", "FVU", "{:.4f}", ""), ("explained_variance", "explained variance
 
 def metrics_table(result: dict) -> str:
     lines = [f"SAE {result['arch']} ({result['num_latents']} latents, k={result['k']}) at layer {result['layer']}, "
-             f"{result['tokens']:,} held-out tokens of {result['data']} ({result['split']})", "",
+             f"{result['tokens']:,} tokens of {result['data']} (split: {result['split']})", "",
              "| metric | value | unit |", "|---|---:|---|"]
     for key, name, fmt, unit in ROWS:
         if key in result:
+            if key == "dead_frac" and "dead_density_bound" in result:
+                unit = (f"of latents: no activation in {result['dead_window_tokens']:,} tokens "
+                        f"(density < {result['dead_density_bound']:.1e} at 95%)")
             lines.append(f"| {name} | {fmt.format(result[key])} | {unit} |")
-    return "\n".join(lines)
+    warning = dead_window_warning(result)
+    return "\n".join(lines + ([f"\nwarning: {warning}"] if warning else []))
+
+
+def dead_window_warning(result: dict) -> str | None:
+    """The warning printed with the dead fraction when its window is too short (`DEAD_MIN_FIRES`), else None."""
+    if not result.get("dead_window_short"):
+        return None
+    return (f"the dead fraction over {result['dead_window_tokens']:,} tokens is an upper bound: the rarest live latent "
+            f"fired {result['rarest_live_fires']} time(s) there, so latents as rare can show no activation by chance; "
+            f"a window of ≥ {result['dead_window_needed']:,} tokens (where it would fire {DEAD_MIN_FIRES} times) "
+            "separates rare from dead (--tokens, with --split all for a held-out file)")
 
 
 def run_sae_eval(cfg: SaeEvalConfig, frozen: FrozenLM | None = None) -> dict:
@@ -210,6 +248,8 @@ def run_sae_eval(cfg: SaeEvalConfig, frozen: FrozenLM | None = None) -> dict:
         write_json_atomic(Path(cfg.out), result)
     if cfg.json:
         print(json.dumps(result))
+        if warning := dead_window_warning(result):
+            log.warning(warning)
     else:
         print(metrics_table(result))
         if cfg.out is not None:

@@ -11,7 +11,7 @@ from models.io import write_json_atomic, write_text_atomic
 from models.loading import load_frozen
 from sae.config import SaeTrainConfig
 from sae.job import cache_config_for, eval_config_for, run_ray_training
-from sae.metrics import evaluate_sae
+from sae.metrics import dead_window_warning, evaluate_sae
 from sae.model import SparseAutoencoder
 from training.layout import RunLayout
 
@@ -42,13 +42,16 @@ def choose_layer(rows: list[dict]) -> tuple[int, str]:
 
 
 def sweep_table(rows: list[dict], chosen: int, why: str) -> str:
-    lines = ["| layer | FVU | explained variance | L0 | dead | spliced KL (nats/token) | ΔCE (nats/token) | token purity |",
+    tokens = " / ".join(f"{n:,}" for n in sorted({r["tokens"] for r in rows}))
+    lines = [f"Each layer's SAE on {tokens} held-out tokens; dead = no activation in those tokens.", "",
+             "| layer | FVU | explained variance | L0 | dead | spliced KL (nats/token) | ΔCE (nats/token) | token purity |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " ←" if r["layer"] == chosen else ""
         lines.append(f"| {r['layer']}{mark} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['l0']:.1f} | "
                      f"{r['dead_frac']:.2%} | {r.get('spliced_kl', float('nan')):.4f} | "
                      f"{r.get('delta_ce', float('nan')):.4f} | {r['token_purity']:.3f} |")
+    lines += [f"\nwarning: layer {r['layer']}: {w}" for r in rows if (w := dead_window_warning(r))]
     lines += ["", f"Chosen: {why}."]
     return "\n".join(lines)
 

@@ -131,3 +131,30 @@ def test_bad_config_files_are_one_line_errors(text, message, tmp_path, capsys, p
     code, _, err = _run(capsys, "ppo", "--config", str(tmp_path / "missing.yaml"))
     _one_line_error(code, err, "missing.yaml: no such file")
     assert not ppo_configs
+
+
+def test_eval_commands_read_a_held_out_file_whole_with_split_all(tiny_frozen, tiny_model_dir, tmp_path, capsys, caplog):
+    from corpus.config import CorpusConfig
+    from corpus.packing import sequences
+    from tests.test_interpret import make_run
+
+    run = make_run(tiny_frozen, tmp_path / "run")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(f"Paragraph {i}: the river {i % 7} runs past stone {i * 13 % 11}." for i in range(40)))
+    n_seqs = sum(1 for _ in sequences(CorpusConfig(data=str(held_out), seq_len=32, tokens=10**6, split="all"),
+                                      tiny_frozen.tokenizer, tiny_frozen.bos_token_id, tiny_frozen.eos_token_id))
+    common = ["--model", str(tiny_model_dir), "--dtype", "fp32", "--data", str(held_out), "--seq-len", "32",
+              "--tokens", "100000"]
+    code, out, _ = _run(capsys, "sae", "eval", str(run / "sae"), *common, "--split", "all", "--no-splice")
+    assert code == 0
+    assert f"{n_seqs * 31:,} tokens of {held_out} (split: all)" in out  # the whole file, BOS positions left out
+    assert f"no activation in {n_seqs * 31:,} tokens" in out  # the dead fraction states its window
+    code, out, _ = _run(capsys, "sae", "eval", str(run / "sae"), *common, "--no-splice", "--json", "--eval-fraction", "0.2")
+    part = json.loads(out)
+    assert code == 0 and part["split"] == "eval" and part["tokens"] < n_seqs * 31 / 2  # the default: its eval split
+    assert "--split all reads a held-out file whole" in caplog.text
+    code, out, _ = _run(capsys, "baseline", *common, "--split", "all", "--layers", "2", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == n_seqs * 32  # the baseline scores every position
+    code, out, _ = _run(capsys, "decoder", "eval", str(run), *common, "--split", "all", "--task-suite", "",
+                        "--out", str(tmp_path / "dec_eval"), "--json")
+    assert code == 0 and json.loads(out)["corpora"]["in_domain"]["tokens"] == n_seqs * 31

@@ -119,6 +119,19 @@ def test_splits_are_deterministic_disjoint_and_prefix_stable(tiny_frozen, tmp_pa
     assert builtin_train[0].tokens.tolist() != builtin_eval[0].tokens.tolist()
 
 
+def test_split_all_reads_a_file_whole_in_stream_order(tiny_frozen, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the river {i % 7} runs past stone {i * 13 % 11}." for i in range(400)))
+    whole = _seqs(tiny_frozen, data=str(text), tokens=10**6, split="all")
+    train = _seqs(tiny_frozen, data=str(text), tokens=10**6, split="train")
+    evals = _seqs(tiny_frozen, data=str(text), tokens=10**6, split="eval")
+    assert len(whole) == len(train) + len(evals) and evals  # every sequence, not the 5% eval split
+    by_bytes = {s.tokens.tobytes() for s in whole}
+    assert by_bytes == {s.tokens.tobytes() for s in train} | {s.tokens.tobytes() for s in evals}
+    assert [s.tokens.tolist() for s in _seqs(tiny_frozen, data=str(text), tokens=32 * 5, split="all")] == \
+        [s.tokens.tolist() for s in whole[:5]]  # a prefix of the file, in order
+
+
 def test_mixture_follows_weights(tiny_frozen, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Some plain prose about rivers and stones. " * 2000)

@@ -13,7 +13,7 @@ from interpret.report import print_table, report_markdown
 from tests.test_interpret import make_run
 
 ROWS = {"kl", "top1", "l0", "next_token_degradation", "ood_accuracy_ratio", "task_degradation", "label_coverage", "ood_kl",
-        "fvu", "mse", "top10_share"}
+        "explained_variance", "mse", "top10_share"}
 
 
 def test_eval_table_on_a_tiny_run_has_every_row_and_baseline(tiny_frozen, tmp_path, capsys):
@@ -33,9 +33,14 @@ def test_eval_table_on_a_tiny_run_has_every_row_and_baseline(tiny_frozen, tmp_pa
     rows = {r["metric"]: r for r in result["rows"]}
     assert set(rows) == ROWS
     assert all({"metric", "target", "value", "passed"} <= set(r) for r in result["rows"])
-    for metric in ("kl", "top1", "l0", "next_token_degradation", "ood_accuracy_ratio", "task_degradation", "ood_kl", "fvu", "mse"):
+    for metric in ("kl", "top1", "l0", "next_token_degradation", "ood_accuracy_ratio", "task_degradation", "ood_kl",
+                   "explained_variance", "mse"):
         assert rows[metric]["value"] is not None and isinstance(rows[metric]["passed"], bool), metric
     assert rows["l0"]["value"] == 8.0 and rows["l0"]["passed"] is False  # TopK k=8 is below the 50–100 target
+    assert rows["explained_variance"]["value"] == pytest.approx(1 - result["sae"]["fvu"])
+    assert "FVU" in rows["explained_variance"]["note"] and "held-out tokens" in rows["mse"]["note"]
+    project_own = {m for m, r in rows.items() if r["design"]}
+    assert project_own == {"task_degradation", "ood_kl"}  # every other target is the design's as written
     ind, ood = result["corpora"]["in_domain"], result["corpora"]["ood"]
     primary = "supervised decoder"
     assert rows["next_token_degradation"]["value"] == pytest.approx(
@@ -64,7 +69,8 @@ def test_rows_judge_targets_and_every_view_renders_the_report():
     assert MetricRow.measure("top10_share", 0.3).passed is True  # "≥ 30%": the boundary passes
     missing = MetricRow.measure("label_coverage", None, "not measured: run `features label`")
     assert missing.passed is None and missing.shown_value == "—"
-    assert MetricRow.measure("top1", 0.8125).shown_value == "81.2%" and MetricRow.measure("fvu", 0.1).shown_value == "0.100"
+    assert MetricRow.measure("top1", 0.8125).shown_value == "81.2%"
+    assert MetricRow.measure("explained_variance", 0.9).shown_value == "0.900"
     report = EvalReport(
         run="runs/x", model="m", layer=2, data="d", ood="", rows=[MetricRow.measure("kl", 0.25, "512 tokens"), missing],
         baselines={"logit_lens": Baseline({"in_domain": CorpusScore(3.0, 1.5, 0.25)}),
@@ -83,3 +89,32 @@ def test_rows_judge_targets_and_every_view_renders_the_report():
     print_table(report, console)
     text = console.export_text()
     assert "✓ met" in text and "not measured" in text and "1.500 · 25.0%" in text
+
+
+@pytest.mark.parametrize("metric,target,passing,failing", [
+    ("explained_variance", "> 0.95", 0.951, 0.95),  # the design's "explained variance > 0.95" (FVU < 0.05)
+    ("mse", "< 0.01", 0.0099, 0.01),  # on normalised activations
+    ("kl", "< 0.5", 0.49, 0.5),
+    ("top1", "> 75%", 0.751, 0.75),
+    ("next_token_degradation", "< 3 points", 2.9, 3.0),
+    ("label_coverage", "> 85%", 0.851, 0.85),
+    ("ood_accuracy_ratio", "≥ 80%", 0.80, 0.79),
+    ("top10_share", "≥ 30%", 0.30, 0.29),
+    ("l0", "50–100", 100.0, 49.0),
+])
+def test_targets_are_the_designs_as_written(metric, target, passing, failing):
+    row = MetricRow.measure(metric, passing)
+    assert row.target == target and row.shown_target == target and row.design == ""
+    assert row.passed is True and MetricRow.measure(metric, failing).passed is False
+
+
+def test_targets_the_project_set_itself_say_so_beside_the_designs_wording():
+    ood_kl = MetricRow.measure("ood_kl", 0.9)
+    assert ood_kl.passed is True and ood_kl.shown_target.startswith("< 1.0 (the project's own; the design: ")
+    assert "accuracy ≥ 80%" in ood_kl.shown_target
+    task = MetricRow.measure("task_degradation", 2.0)
+    assert "the project's own" in task.shown_target and "next-token accuracy" in task.shown_target
+    assert MetricRow.from_json(task.to_json()) == task
+    md = report_markdown(EvalReport(run="r", model="m", layer=2, data="d", ood="", rows=[ood_kl], baselines={},
+                                    layer_curve=[], corpora={}, sae={}, tasks=None, labels={}, decoders={}, lens=None))
+    assert "(the project's own; the design: no out-of-domain KL target" in md

@@ -42,6 +42,31 @@ def test_metric_formulas_on_a_hand_computed_case():
     assert m["usage_entropy_nats"] == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
 
 
+def test_dead_fraction_states_its_window_and_warns_when_it_is_too_short():
+    from sae.metrics import DEAD_MIN_FIRES, metrics_table
+
+    stats = SaeStats(num_latents=4, d_in=2)
+    n = 1000
+    idx = torch.zeros(n, 1, dtype=torch.long)
+    idx[:3] = 1  # latent 1 fires 3 times in 1,000 tokens, latent 0 on the rest; 2 and 3 never
+    stats.update(torch.randn(n, 2), torch.randn(n, 2), torch.ones(n, 1), idx)
+    m = stats.metrics()
+    assert m["dead_frac"] == 0.5 and m["dead_window_tokens"] == n and m["dead_density_bound"] == pytest.approx(3 / n)
+    # the rarest live latent fired 3 < 10 times: its density ≈ 3/1000 needs 10 / 0.003 ≈ 3,334 tokens
+    assert m["rarest_live_fires"] == 3 and m["dead_window_short"] is True
+    assert m["dead_window_needed"] == math.ceil(DEAD_MIN_FIRES * n / 3)
+    table = metrics_table({**m, "arch": "topk", "num_latents": 4, "k": 1, "layer": 2, "data": "d.txt", "split": "all"})
+    assert "no activation in 1,000 tokens (density < 3.0e-03 at 95%)" in table
+    assert "warning: the dead fraction over 1,000 tokens is an upper bound" in table and "3,334 tokens" in table
+    idx[:3] = 0
+    idx[:20] = 1  # now the rarest live latent fired 20 times: the window resolves it, no warning
+    stats = SaeStats(num_latents=4, d_in=2)
+    stats.update(torch.randn(n, 2), torch.randn(n, 2), torch.ones(n, 1), idx)
+    m = stats.metrics()
+    assert m["dead_window_short"] is False and "warning" not in metrics_table(
+        {**m, "arch": "topk", "num_latents": 4, "k": 1, "layer": 2, "data": "d", "split": "eval"})
+
+
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
 def test_save_load_round_trip_folds_the_input_scale(arch, tmp_path):
     torch.manual_seed(0)
