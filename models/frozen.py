@@ -64,6 +64,19 @@ class FrozenLM:
         """`module`'s own parameters on `device`, loaded from CPU or disk offload where accelerate put them."""
         return module_tensors(module, self.device)
 
+    @contextmanager
+    def loaded(self, modules: Iterable[nn.Module]) -> Iterator[None]:
+        """Within the block, the weights of `modules` that accelerate offloaded (to the meta device) are loaded, so
+        that their state dicts hold real tensors; they are offloaded again on exit."""
+        from accelerate.utils import align_module_device
+
+        with ExitStack() as stack:
+            for module in modules:
+                for sub in module.modules():
+                    if getattr(sub, "_hf_hook", None) is not None:
+                        stack.enter_context(align_module_device(sub))
+            yield
+
     @property
     def bos_token_id(self) -> int:
         bos = self.tokenizer.bos_token_id

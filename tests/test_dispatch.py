@@ -115,3 +115,16 @@ def test_device_map_and_max_memory_parsing(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"lm_head": "gpu0"}))
     with pytest.raises(ConfigError, match="module 'lm_head': unknown device 'gpu0'"):
         parse_device_map(str(tmp_path / "bad.json"))
+
+
+def test_context_decoder_copies_offloaded_blocks(dispatched, tiny_frozen, tmp_path):
+    from distill.student import build_student_decoder
+    from sae.model import SparseAutoencoder
+    from tests.conftest import save_random_sae
+
+    sae = SparseAutoencoder.load(save_random_sae(tiny_frozen, tmp_path / "sae", layer=1, latents=32, k=4))
+    ours, theirs = (build_student_decoder("context", sae, f, 1, n_layers=3, bos_stream=True) for f in (dispatched, tiny_frozen))
+    assert ours.source_blocks == [2, 3, 4]  # blocks 1 and 3 (layers 2, 4) sit on disk
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dispatched.blocks[3].mlp.up_proj.weight.device.type == "meta"  # offloaded again afterwards
