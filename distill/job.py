@@ -59,10 +59,11 @@ def teacher_source(cfg: TrainLoopConfig, frozen, layer: int) -> dict:
 def choose_blocks(cfg: DistillConfig, frozen, sae_dir: Path, layer: int) -> list[int] | None:
     """The frozen layers a context decoder's blocks start from (None: no copies), per `--blocks`."""
     from distill.blocks import parse_block_ids
-    from distill.student import even_block_ids
+    from distill.student import check_block_copy, even_block_ids
 
     if cfg.arch != "context" or cfg.init != "upper-blocks":
         return None
+    check_block_copy(frozen)
     if cfg.blocks == "even":
         return even_block_ids(layer, frozen.n_layers, cfg.n_layers)
     if cfg.blocks != "greedy":
@@ -183,8 +184,8 @@ def run_decoder_train(cfg: DistillConfig) -> Path:
     if frozen.d_model != meta["d_in"]:
         raise ConfigError(f"--sae {sae_dir}: SAE width d_in={meta['d_in']} does not match --model {cfg.model} "
                           f"(d_model={frozen.d_model})")
+    block_ids = choose_blocks(cfg, frozen, sae_dir, layer)  # first: it refuses blocks it cannot copy
     source = teacher_source(cfg, frozen, layer)
-    block_ids = choose_blocks(cfg, frozen, sae_dir, layer)
     _launch(pick(cfg, DistillConfig), "decoder", layer, source, {"sae_dir": str(sae_dir.resolve()), "block_ids": block_ids})
     _report(cfg, RunLayout(cfg.out).decoder)
     return RunLayout(cfg.out).decoder

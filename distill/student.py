@@ -42,19 +42,80 @@ def student_logits(student: nn.Module, sae: SparseAutoencoder | None, resid_BTD:
 
 def decoder_config(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, rank: int, vocab_bias: bool, n_layers: int) -> DecoderConfig:
     """Shapes from the SAE and the frozen model; context blocks mirror the model's own block shape."""
+    return DecoderConfig(arch=arch, num_latents=sae.cfg.num_latents, d_model=frozen.d_model, vocab_size=frozen.vocab_size,
+                         rank=rank, vocab_bias=vocab_bias, n_layers=n_layers, **block_shape(frozen))
+
+
+def block_shape(frozen: FrozenLM) -> dict:
+    """The frozen model's block settings, as DecoderConfig fields."""
     mc = frozen.model.config
     n_heads = getattr(mc, "num_attention_heads", None) or max(1, frozen.d_model // 64)
-    n_kv = getattr(mc, "num_key_value_heads", None) or n_heads
     rope = getattr(mc, "rope_parameters", None) or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    return DecoderConfig(
-        arch=arch, num_latents=sae.cfg.num_latents, d_model=frozen.d_model, vocab_size=frozen.vocab_size,
-        rank=rank, vocab_bias=vocab_bias, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-        d_mlp=getattr(mc, "intermediate_size", None) or 4 * frozen.d_model,
-        rope_theta=float(theta or getattr(mc, "rope_theta", 10_000.0)),
-        norm_eps=float(getattr(mc, "rms_norm_eps", None) or 1e-5),
-        max_context=max(4096, int(getattr(mc, "max_position_embeddings", 0) or 0)),
-    )
+    return {"n_heads": n_heads, "n_kv_heads": getattr(mc, "num_key_value_heads", None) or n_heads,
+            "d_mlp": getattr(mc, "intermediate_size", None) or 4 * frozen.d_model,
+            "rope_theta": float(theta or getattr(mc, "rope_theta", 10_000.0)),
+            "norm_eps": float(getattr(mc, "rms_norm_eps", None) or 1e-5),
+            "max_context": max(4096, int(getattr(mc, "max_position_embeddings", 0) or 0))}
+
+
+def check_block_copy(frozen: FrozenLM) -> None:
+    """Refuse `--init upper-blocks` (one line, naming the difference) unless the frozen blocks compute what the
+    context decoder's Llama-style blocks do: the same parameters with the same shapes (no biases, no extra norms), a
+    SiLU-gated MLP, plain RMSNorms, full rotary positions without frequency scaling, no attention soft cap."""
+    cfg = DecoderConfig(arch="context", num_latents=1, d_model=frozen.d_model, vocab_size=frozen.vocab_size,
+                        **block_shape(frozen))
+    why = _block_difference(frozen, cfg)
+    if why is not None:
+        raise ConfigError(f"--init upper-blocks: the blocks of {frozen.name} ({type(frozen.blocks[0]).__name__}) differ from "
+                          f"the context decoder's Llama-style blocks ({why}); use --init zero")
+
+
+def _block_difference(frozen: FrozenLM, cfg: DecoderConfig) -> str | None:
+    from models.decoder_context import Block
+
+    with torch.device("meta"):
+        mine = {k: tuple(p.shape) for k, p in Block(cfg).named_parameters()}
+    for block in frozen.blocks:
+        theirs = {k: tuple(p.shape) for k, p in block.named_parameters()}
+        if extra := sorted(theirs.keys() - mine.keys()):
+            return f"extra parameters {', '.join(extra[:3])}"
+        if missing := sorted(mine.keys() - theirs.keys()):
+            return f"no {', '.join(missing[:3])}"
+        if shape := next((k for k in mine if mine[k] != theirs[k]), None):
+            return f"{shape} is {'×'.join(map(str, theirs[shape]))}, the decoder's {'×'.join(map(str, mine[shape]))}"
+    mc = frozen.model.config
+    act = getattr(mc, "hidden_act", None) or getattr(mc, "hidden_activation", None)
+    rope = getattr(mc, "rope_parameters", None) or getattr(mc, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    partial = partial or getattr(mc, "partial_rotary_factor", None) or 1.0
+    if act != "silu":
+        return f"MLP activation {act}, not silu"
+    if rope_type != "default":
+        return f"rotary scaling {rope_type!r}"
+    if partial != 1.0:
+        return f"rotary on {partial:.0%} of each head"
+    if getattr(mc, "attn_logit_softcapping", None):
+        return "attention logit soft cap"
+    if getattr(mc, "query_pre_attn_scalar", None) not in (None, cfg.d_model // cfg.n_heads):
+        return "query scale other than 1/sqrt(head_dim)"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        if not _plain_rms_norm(frozen, getattr(frozen.blocks[0], name)):
+            return f"{name} is not x·rsqrt(mean(x²) + ε)·weight"
+    return None
+
+
+@torch.no_grad()
+def _plain_rms_norm(frozen: FrozenLM, norm: nn.Module) -> bool:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    weight = frozen.weights(norm).get("weight")
+    if eps is None or weight is None:
+        return False
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(frozen.device, frozen.dtype)
+    theirs = norm(x).float().to(frozen.device)
+    mine = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return bool((mine - theirs).abs().max() <= 0.02 * mine.abs().max() + 1e-5)
 
 
 def even_block_ids(layer: int, n_layers_model: int, n_blocks: int) -> list[int]:
@@ -85,8 +146,11 @@ def build_student_decoder(arch: str, sae: SparseAutoencoder, frozen: FrozenLM, l
     if cfg.bos_stream:
         decoder.init_bos(bos_residual(frozen, layer))
     if init == "upper-blocks" and len(decoder.blocks):
+        check_block_copy(frozen)
         ids = block_ids or even_block_ids(layer, frozen.n_layers, len(decoder.blocks))
-        decoder.init_from_blocks([frozen.blocks[i - 1] for i in ids])
+        sources = [frozen.blocks[i - 1] for i in ids]
+        with frozen.loaded(sources):
+            decoder.init_from_blocks(sources)
         decoder.source_blocks = ids
         log.info("%s decoder blocks start as copies of the frozen model's layers %s", arch, ids)
     return decoder

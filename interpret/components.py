@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 from torch import Tensor
@@ -53,7 +53,7 @@ def load_components(run: InterpretRun, model_cfg: ModelConfig | None = None, fro
     meta = read_decoder_meta(run.decoder_dir)
     model_cfg = model_cfg or ModelConfig()
     if model_cfg.model == DEFAULT_MODEL and meta.get("model"):
-        model_cfg = replace(ModelConfig(), model=meta["model"], dtype=model_cfg.dtype, device=model_cfg.device)
+        model_cfg = model_cfg.model_config(model=meta["model"])
     frozen = frozen or load_frozen(model_cfg)
     sae = SparseAutoencoder.load(run.sae_dir(meta.get("sae")))
     sae.eval()

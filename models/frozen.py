@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from models.errors import ConfigError
+from models.placement import main_device, module_tensors
 
 # Where common architectures keep their blocks and final norm (first match wins).
 _BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
@@ -56,7 +57,25 @@ class FrozenLM:
 
     @property
     def device(self) -> torch.device:
-        return self.unembed.weight.device
+        """Where inputs go and outputs, residuals and head weights come back (a dispatched model's main device)."""
+        return main_device(self.model, self.unembed.weight.device)
+
+    def weights(self, module: nn.Module) -> dict[str, Tensor]:
+        """`module`'s own parameters on `device`, loaded from CPU or disk offload where accelerate put them."""
+        return module_tensors(module, self.device)
+
+    @contextmanager
+    def loaded(self, modules: Iterable[nn.Module]) -> Iterator[None]:
+        """Within the block, the weights of `modules` that accelerate offloaded (to the meta device) are loaded, so
+        that their state dicts hold real tensors; they are offloaded again on exit."""
+        from accelerate.utils import align_module_device
+
+        with ExitStack() as stack:
+            for module in modules:
+                for sub in module.modules():
+                    if getattr(sub, "_hf_hook", None) is not None:
+                        stack.enter_context(align_module_device(sub))
+            yield
 
     @property
     def bos_token_id(self) -> int:
@@ -86,7 +105,7 @@ class FrozenLM:
         cfg = self.model.config.to_dict()
         cfg.pop("_name_or_path", None)
         cfg.pop("transformers_version", None)
-        probe = self.unembed.weight[:4, :16].float().sum().item()
+        probe = self.weights(self.unembed)["weight"][:4, :16].float().sum().item()
         return {"name": self.name, "config": cfg, "dtype": str(self.dtype), "probe": round(probe, 6)}
 
     # -- hooks -----------------------------------------------------------------------------
@@ -110,7 +129,7 @@ class FrozenLM:
         store: dict[int, Tensor] = {}
         with ExitStack() as stack:
             for layer in sorted(read | set(write) | ({stop_after} if stop_after is not None else set())):
-                fn = _make_hook(layer, store, layer in read, write.get(layer), layer == stop_after)
+                fn = _make_hook(layer, store, layer in read, write.get(layer), layer == stop_after, self.device)
                 if layer == 0:
                     handle = self.blocks[0].register_forward_pre_hook(fn, with_kwargs=True)
                 else:
@@ -140,16 +159,24 @@ class FrozenLM:
 
     @torch.inference_mode()
     def logit_lens(self, h_BTD: Tensor) -> Tensor:
-        """The frozen final norm and unembedding applied to a residual stream."""
-        return self.unembed(self.final_norm(h_BTD.to(self.dtype)))
+        """The frozen final norm and unembedding applied to a residual stream (and the model's logit soft cap)."""
+        logits = self.unembed(self.final_norm(h_BTD.to(self.device, self.dtype)))
+        cap = self.logit_softcap
+        return (torch.tanh(logits / cap) * cap if cap else logits).to(self.device)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma-2's final soft cap: logits = cap · tanh(head(h) / cap); None for most models."""
+        return getattr(self.model.config, "final_logit_softcapping", None) or None
 
 
-def _make_hook(layer: int, store: dict, read: bool, patch: Patch | None, stop: bool):
+def _make_hook(layer: int, store: dict, read: bool, patch: Patch | None, stop: bool, device: torch.device):
+    # On a dispatched model a block's output sits on that block's device: reads and patches see the main device.
     def apply(h: Tensor) -> Tensor:
         if read:
-            store[layer] = h.detach()
+            store[layer] = h.detach().to(device)
         if patch is not None:
-            h = patch(h).to(h.dtype)
+            h = patch(h.to(device)).to(h.device, h.dtype)
         return h
 
     if layer == 0:

@@ -19,6 +19,7 @@ from models.config import ModelConfig
 from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.io import atomic_path, cache_root
+from models.placement import dispatch_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ EMBEDDED_MODELS = {
 
 
 def load_frozen(cfg: ModelConfig) -> FrozenLM:
-    """Load `cfg.model` for inference, eval mode, gradients off, in the resolved dtype."""
-    dtype = resolve_dtype(cfg.dtype, cfg.device)
+    """Load `cfg.model` for inference, eval mode, gradients off, in the resolved dtype, on `cfg.device` or spread
+    over the devices of `cfg.device_map`."""
+    placement = dispatch_kwargs(cfg)
+    dtype = resolve_dtype(cfg.dtype, cfg.device if not placement else _first_accelerator(placement))
     spec = cfg.model
     if spec.startswith("embedded:"):
         directory = embedded_model_dir(spec.removeprefix("embedded:"))
@@ -68,11 +71,21 @@ def load_frozen(cfg: ModelConfig) -> FrozenLM:
     else:
         directory = None
     if directory is not None:
-        model, tokenizer = _from_pretrained(str(directory), dtype, local_files_only=True)
+        model, tokenizer = _from_pretrained(str(directory), dtype, local_files_only=True, placement=placement)
     else:
-        model, tokenizer = _from_hub(spec, dtype)
-    model.to(cfg.device)
+        model, tokenizer = _from_hub(spec, dtype, placement)
+    if not placement:
+        model.to(cfg.device)
     return FrozenLM(model, tokenizer, name=spec)
+
+
+def _first_accelerator(placement: dict) -> str:
+    """The device whose bf16 support decides --dtype auto for a dispatched model: cuda when it may use a GPU."""
+    device_map = placement["device_map"]
+    named = list(device_map.values()) if isinstance(device_map, dict) else list(placement.get("max_memory", {}))
+    if not named:  # a strategy over every device there is
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if any(isinstance(d, int) or str(d).startswith("cuda") for d in named) else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
@@ -195,20 +208,20 @@ def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path, save_dtype: t
     log.info("cached %s in %.1f s", target, time.perf_counter() - t0)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool):
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, placement: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a local load takes under a second; its bar is noise
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **(placement or {}))
     model.eval().requires_grad_(False)
     return model, tokenizer
 
 
-def _from_hub(model_id: str, dtype: torch.dtype):
+def _from_hub(model_id: str, dtype: torch.dtype, placement: dict):
     try:  # already in the local Hugging Face cache: no network needed
-        return _from_pretrained(model_id, dtype, local_files_only=True)
+        return _from_pretrained(model_id, dtype, local_files_only=True, placement=placement)
     except OSError:
         pass
     hint = "pass a local model directory or --model embedded:smollm2-135m-instruct"
@@ -220,7 +233,7 @@ def _from_hub(model_id: str, dtype: torch.dtype):
             f"cannot be reached; {hint}"
         )
     try:
-        return _from_pretrained(model_id, dtype, local_files_only=False)
+        return _from_pretrained(model_id, dtype, local_files_only=False, placement=placement)
     except OSError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--model: could not load '{model_id}' from the hub ({first_line}); {hint}") from e

@@ -17,7 +17,6 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from models.config import ModelConfig
 from models.head import FrozenHead
 from models.loading import load_frozen
 from rl_env.config import EnvConfig, anchor_weights
@@ -33,7 +32,7 @@ class Engine(ABC):
 
     def __init__(self, cfg: EnvConfig, num_envs: int, frozen=None):
         self.cfg, self.num_envs = cfg, num_envs
-        self.frozen = frozen or load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
+        self.frozen = frozen or load_frozen(cfg.model_config())
         self.sae = SparseAutoencoder.load(Path(cfg.sae))
         self.head = FrozenHead.from_frozen(self.frozen)
         self.width = cfg.width or self.sae.cfg.sparse_width

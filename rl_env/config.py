@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
+from models.config import ModelConfig
 from models.errors import ConfigError
 from rl_env.reward import DEFAULT_PHASES, parse_phases
 
@@ -79,7 +80,7 @@ def anchor_weights(text: str, n_phases: int) -> list[float]:
 
 
 @dataclass
-class EnvConfig(RewardConfig):
+class EnvConfig(RewardConfig, ModelConfig):
     """Everything an environment needs; plain values only, so it travels as RLlib's env_config."""
 
     env: Literal["token", "generation"] = "token"
@@ -88,7 +89,6 @@ class EnvConfig(RewardConfig):
     model: str = ""
     """Frozen model (default: the decoder's): a hub id, a local dir or embedded:smollm2-135m-instruct."""
 
-    dtype: str = "auto"
     layer: int = 9
     sae: str = ""
     """SAE folder whose features the policy reads."""

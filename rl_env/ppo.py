@@ -204,13 +204,12 @@ class PpoTrial:
     def __init__(self, cfg: PpoConfig, out: Path, score_weights: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        from models.config import ModelConfig
         from models.loading import load_frozen
         from sae.model import SparseAutoencoder
 
         self.cfg, self.out, self.score_weights = cfg, Path(out), score_weights
         self.out.mkdir(parents=True, exist_ok=True)
-        frozen = load_frozen(ModelConfig(model=cfg.model, dtype=cfg.dtype))
+        frozen = load_frozen(cfg.model_config())
         sae = SparseAutoencoder.load(Path(cfg.sae))
         corpus = decoder_corpus(cfg)
         cache_root = _token_cache(cfg, frozen, corpus) if cfg.env == "token" else ""

@@ -38,20 +38,35 @@ def build_tokenizer(bos: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
+TINY_ARCHS = ("llama", "gpt2", "gpt_neox", "qwen2", "gemma2")
+
+
 def build_tiny_model(directory: Path, arch: str = "llama", bos: bool = True) -> Path:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers as tf
 
     tokenizer = build_tokenizer(bos=bos)
     torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512)
     if arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = LlamaForCausalLM(config)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, **decoder, num_key_value_heads=2))
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(**common, n_embd=32, n_layer=3, n_head=4, n_positions=512))
+    elif arch == "gpt_neox":  # Pythia: parallel residual, partial rotary, LayerNorms with bias, untied embed_out
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common, **decoder, rotary_pct=0.25))
+    elif arch == "qwen2":  # Llama's blocks plus q/k/v biases
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, **decoder, num_key_value_heads=2))
+    elif arch == "gemma2":  # scaled embeddings, (1 + w) RMSNorms, four norms a block, soft-capped logits
+        config = tf.Gemma2Config(**common, **decoder, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                                 final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id)
+        model = tf.Gemma2ForCausalLM(config)
+        with torch.no_grad():  # a random init leaves the norms' weights at 0 (a gain of 1): make them count
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.5)
     else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=512)
-        model = GPT2LMHeadModel(config)
+        raise ValueError(f"unknown tiny architecture {arch!r}")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -18,7 +18,8 @@ from models.errors import ConfigError
 
 C = TypeVar("C")
 
-VOLATILE = frozenset({"fail_at_step", "workers", "use_gpu", "checkpoint_every", "config", "verbose"})
+VOLATILE = frozenset({"fail_at_step", "workers", "use_gpu", "checkpoint_every", "config", "verbose", "device_map",
+                      "max_memory", "offload_folder"})
 """Fields that change how a stage runs, not what it produces: ignored when comparing stages."""
 
 SPEC_FIELDS = ("data", "ood")
