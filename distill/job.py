@@ -24,6 +24,7 @@ from sae.model import SparseAutoencoder
 from training.config import inherit_corpus, pick, to_record
 from training.layout import RunLayout, resolve_sae_dir
 from training.ray_job import run_stage_job
+from training.tracking import wandb_settings
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def _report(cfg: TrainLoopConfig, what: Path) -> None:
 
 
 def run_decoder_train(cfg: DistillConfig) -> Path:
+    wandb_settings(cfg.wandb)  # a missing package or login fails before the cache is built
     sae_dir, meta = sae_for(cfg)
     if cfg.model == DEFAULT_MODEL and meta.get("model"):
         cfg.model = meta["model"]
@@ -192,6 +194,7 @@ def run_decoder_train(cfg: DistillConfig) -> Path:
 
 
 def run_lens_train(cfg: LensTrainConfig) -> Path:
+    wandb_settings(cfg.wandb)
     frozen = load_frozen(cfg)
     frozen.check_layer(cfg.layer)
     _launch(pick(cfg, LensTrainConfig), "lens", cfg.layer, teacher_source(cfg, frozen, cfg.layer), {})

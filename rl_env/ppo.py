@@ -23,6 +23,7 @@ from rl_env.learner import SlimPPOLearner
 from rl_env.ppo_config import PpoConfig, PpoExportConfig
 from rl_env.reward import RewardSchedule, parse_phases
 from training.layout import RunLayout, decoder_dir
+from training.tracking import MetricWriter, wandb_settings
 
 log = logging.getLogger(__name__)
 
@@ -202,22 +203,22 @@ class PpoTrial:
     """One PPO trial as short named steps, shared by `faithlens ppo` and the Tune trainable."""
 
     def __init__(self, cfg: PpoConfig, out: Path, score_weights: dict | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
         from models.loading import load_frozen
         from sae.model import SparseAutoencoder
 
         self.cfg, self.out, self.score_weights = cfg, Path(out), score_weights
         self.out.mkdir(parents=True, exist_ok=True)
+        wandb = wandb_settings(cfg.wandb, self.out.name)  # checked before the model loads
         frozen = load_frozen(cfg.model_config())
         sae = SparseAutoencoder.load(Path(cfg.sae))
         corpus = decoder_corpus(cfg)
         cache_root = _token_cache(cfg, frozen, corpus) if cfg.env == "token" else ""
-        write_json_atomic(self.out / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+        record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+        write_json_atomic(self.out / "config.json", record)
         self.evaluate = Evaluator(cfg, frozen, sae, corpus)
         register_envs()
         self.algo = algo_config(cfg, env_config_for(cfg, cache_root)).build_algo()
-        self.writer = SummaryWriter(str(self.out / "tb"))
+        self.writer = MetricWriter(self.out / "tb", wandb, record)
         self.schedule = RewardSchedule(parse_phases(cfg.phases), cfg.steps)  # which phase the run's next step is in
         self.history: list[dict] = []
         self.before: dict | None = None
@@ -266,10 +267,7 @@ class PpoTrial:
         closes_phase = self.schedule.phase_index(self.env_steps) != phase
         if self.iteration % self.cfg.eval_every == 0 or self.env_steps >= self.cfg.steps or closes_phase:
             self._evaluate(row)
-        for key, value in row.items():
-            if key not in ("iteration", "env_steps_from", "env_steps"):
-                self.writer.add_scalar(key, value, self.env_steps)
-        self.writer.flush()
+        self.writer.log({k: v for k, v in row.items() if k not in ("iteration", "env_steps_from", "env_steps")}, self.env_steps)
         self.history.append(row)
         return row
 

@@ -10,10 +10,11 @@ import tyro
 
 from models.errors import ConfigError
 from rl_env.config import EnvConfig
+from training.tracking import TrackingConfig
 
 
 @dataclass
-class PpoConfig(EnvConfig):
+class PpoConfig(EnvConfig, TrackingConfig):
     """A single PPO trial on the decoder-on-features environment (a local RLlib run)."""
 
     decoder: Path = Path("runs/decoder")

@@ -34,6 +34,7 @@ import yaml
 from models.errors import ConfigError
 from models.io import write_json_atomic
 from rl_env.ppo_config import PpoConfig
+from training.tracking import wandb_settings
 
 ALGORITHMS = ("grid", "random", "optuna", "pbt")
 WEIGHT_KEYS = ("alpha", "beta", "gamma")
@@ -55,6 +56,10 @@ class SweepConfig:
 
     storage_path: str = ""
     """Tune storage_path (e.g. s3://bucket/faithlens) instead of the folder above --out."""
+
+    wandb: str = ""
+    """Weights & Biases project: one run per trial, logged by Ray Tune's WandbLoggerCallback (off when empty;
+    WANDB_MODE=offline keeps the runs on this machine)."""
 
 
 @dataclass
@@ -82,6 +87,8 @@ def load_sweep(path: Path) -> dict:
     spec.setdefault("algorithm", "random")
     if spec["algorithm"] not in ALGORITHMS:
         raise ConfigError(f"sweep file {path}: algorithm must be one of {', '.join(ALGORITHMS)}, got {spec['algorithm']!r}")
+    if "wandb" in (spec.get("base") or {}) or "wandb" in (spec.get("space") or {}):
+        raise ConfigError(f"sweep file {path}: W&B logging of a sweep is `faithlens sweep --wandb PROJECT` (one run per trial)")
     options = {f.name for f in fields(PpoConfig)} - {"config"}  # only the CLI reads --config files; base holds the options
     for section in ("base", "space"):
         bad = sorted(set(spec.get(section) or {}) - options - (set(WEIGHT_KEYS) if section == "space" else set()))
@@ -192,7 +199,9 @@ def _absolute(base: dict, root: Path) -> dict:
     return out
 
 
-def build_tuner(spec: dict, experiment: Path, storage_path: str = ""):
+def build_tuner(spec: dict, experiment: Path, storage_path: str = "", wandb: dict | None = None):
+    """The Tune run of `spec`; with `wandb` (`training.tracking.wandb_settings`), every trial's reported metrics
+    also go to W&B through Tune's own callback."""
     from ray import tune
 
     algorithm = spec["algorithm"]
@@ -224,16 +233,25 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = ""):
         tune_config=tune.TuneConfig(metric="score", mode="max", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=int(spec.get("num_samples", 1)),
                                     max_concurrent_trials=int(spec.get("max_concurrent", 1))),
-        run_config=tune.RunConfig(name=Path(experiment).name, storage_path=storage,
+        run_config=tune.RunConfig(name=Path(experiment).name, storage_path=storage, callbacks=_wandb_callbacks(wandb),
                                   # PBT copies other trials' checkpoints: it must find them on storage
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if algorithm == "pbt" else 2)),
     )
+
+
+def _wandb_callbacks(wandb: dict | None) -> list:
+    if wandb is None:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    return [WandbLoggerCallback(**{k: v for k, v in wandb.items() if k != "name"})]  # Tune names each trial's run
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
     import ray
 
     spec = load_sweep(cfg.file)
+    wandb = wandb_settings(cfg.wandb)
     # resolve paths before Ray starts: a job's working folder can change under the driver afterwards
     spec["base"] = _absolute(spec["base"], Path.cwd())
     experiment = (Path(cfg.out) if cfg.out is not None else Path("runs/sweeps") / spec["name"]).resolve()
@@ -248,7 +266,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # while trials run; everything is absolute by now, so work from the experiment's parent instead.
     os.chdir(experiment.parent)
     try:
-        results = build_tuner(spec, experiment, cfg.storage_path).fit()
+        results = build_tuner(spec, experiment, cfg.storage_path, wandb).fit()
     finally:
         if started_here:
             ray.shutdown()

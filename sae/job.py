@@ -20,6 +20,7 @@ from sae.train import SaeTrainer
 from training.config import pick, to_record
 from training.layout import RunLayout
 from training.ray_job import run_stage_job
+from training.tracking import wandb_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def run_ray_training(cfg: SaeTrainConfig, cache: ActivationCache) -> None:
 
 
 def run_sae_train(cfg: SaeTrainConfig) -> Path:
+    wandb_settings(cfg.wandb)  # a missing package or login fails before the cache is built
     frozen = load_frozen(cfg)
     frozen.check_layer(cfg.layer)
     cache = build_cache(cache_config_for(cfg), frozen)

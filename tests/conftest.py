@@ -72,6 +72,27 @@ def build_tiny_model(directory: Path, arch: str = "llama", bos: bool = True) -> 
     return directory
 
 
+def random_ids(frozen, batch: int = 2, length: int = 12, seed: int = 0):
+    """Random token ids starting with BOS, [batch, length]."""
+    import torch
+
+    ids = torch.randint(3, frozen.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = frozen.bos_token_id
+    return ids
+
+
+def blocks_that_run(frozen, fn):
+    """(the indices of the frozen blocks that ran during fn(), its result)."""
+    calls = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(frozen.blocks)]
+    try:
+        result = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, result
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["FAITHLENS_CACHE"] = str(tmp_path_factory.mktemp("faithlens_cache"))

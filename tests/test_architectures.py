@@ -9,7 +9,7 @@ from distill.student import build_student_decoder
 from faithlens_cli import main
 from models import ConfigError, ModelConfig, load_frozen
 from models.head import FrozenHead
-from tests.conftest import build_tiny_model, save_random_sae
+from tests.conftest import blocks_that_run, build_tiny_model, random_ids, save_random_sae
 
 ARCHS = ("gpt2", "gpt_neox", "qwen2", "gemma2")
 
@@ -20,15 +20,10 @@ def arch_model(request, tmp_path_factory):
     return request.param, directory, load_frozen(ModelConfig(model=str(directory), dtype="fp32"))
 
 
-def _ids(frozen, batch=2, length=12):
-    ids = torch.randint(3, frozen.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = frozen.bos_token_id
-    return ids
-
 
 def test_hooks_read_the_block_outputs_and_the_head_gives_the_logits(arch_model):
     _, _, frozen = arch_model
-    ids = _ids(frozen)
+    ids = random_ids(frozen)
     out = frozen.model(input_ids=ids, output_hidden_states=True)
     last = frozen.n_layers
     logits, store = frozen.forward(ids, range(last + 1))
@@ -41,14 +36,8 @@ def test_hooks_read_the_block_outputs_and_the_head_gives_the_logits(arch_model):
 
 def test_early_exit_and_patches(arch_model):
     _, _, frozen = arch_model
-    ids = _ids(frozen)
-    calls = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(frozen.blocks)]
-    try:
-        early = frozen.residuals(ids, [1, 2])
-    finally:
-        for h in handles:
-            h.remove()
+    ids = random_ids(frozen)
+    calls, early = blocks_that_run(frozen, lambda: frozen.residuals(ids, [1, 2]))
     clean, store = frozen.forward(ids, [2])
     assert calls == [0, 1] and torch.equal(early[2], store[2])
     same, _ = frozen.forward(ids, write={2: lambda h: h})
@@ -79,7 +68,7 @@ def test_context_decoder_refuses_to_copy_other_blocks_and_starts_from_zero(arch_
         build_student_decoder("context", sae, frozen, 1, n_layers=2)
     assert "\n" not in str(refused.value)
     decoder = build_student_decoder("context", sae, frozen, 1, n_layers=2, init="zero")
-    ids = _ids(frozen, batch=1)
+    ids = random_ids(frozen, batch=1)
     _, store = frozen.forward(ids, [1])
     enc = sae.encode(store[1][0].float())
     logits = decoder(enc.indices_NK[None], enc.acts_NK[None])

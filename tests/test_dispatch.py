@@ -12,17 +12,12 @@ from faithlens_cli import main
 from models import ConfigError, ModelConfig, load_frozen
 from models.head import FrozenHead
 from models.placement import parse_device_map, parse_max_memory
-from tests.conftest import build_tiny_model
+from tests.conftest import blocks_that_run, build_tiny_model, random_ids
 
 # Half the blocks and the whole head on disk: every offloaded module is loaded on the fly by accelerate's hooks.
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
          "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "disk", "lm_head": "disk"}
 
-
-def _ids(frozen, batch=2, length=12):
-    ids = torch.randint(3, frozen.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = frozen.bos_token_id
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +35,13 @@ def test_weights_really_are_offloaded(dispatched):
 
 
 def test_residuals_logits_and_early_exit_equal_the_undispatched_model(dispatched, tiny_frozen):
-    ids = _ids(tiny_frozen)
+    ids = random_ids(tiny_frozen)
     logits, store = tiny_frozen.forward(ids, [0, 2, 4])
     d_logits, d_store = dispatched.forward(ids, [0, 2, 4])
     assert torch.equal(d_logits, logits)
     for layer in (0, 2, 4):
         assert torch.equal(d_store[layer], store[layer])
-    calls = []
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(dispatched.blocks)]
-    try:
-        early = dispatched.residuals(ids, [1, 2])
-    finally:
-        for h in handles:
-            h.remove()
+    calls, early = blocks_that_run(dispatched, lambda: dispatched.residuals(ids, [1, 2]))
     assert calls == [0, 1] and torch.equal(early[2], store[2])  # the disk-offloaded block 3 never ran
     assert torch.equal(dispatched.logit_lens(store[4]), logits)
     patched, _ = dispatched.forward(ids, write={2: torch.zeros_like})
@@ -81,7 +70,7 @@ def test_auto_map_with_a_memory_limit_offloads_a_tied_head(tmp_path):
     spread = load_frozen(ModelConfig(model=str(directory), dtype="fp32", device_map="auto", max_memory="cpu:40KB",
                                      offload_folder=str(tmp_path / "offload")))
     assert "disk" in set(spread.model.hf_device_map.values())
-    ids = _ids(plain)
+    ids = random_ids(plain)
     (logits, store), (d_logits, d_store) = plain.forward(ids, [1]), spread.forward(ids, [1])
     assert torch.equal(d_logits, logits) and torch.equal(d_store[1], store[1])
     h = torch.randn(3, plain.d_model)

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models.errors import ConfigError
+from training.tracking import TrackingConfig
 
 C = TypeVar("C")
 
 VOLATILE = frozenset({"fail_at_step", "workers", "use_gpu", "checkpoint_every", "config", "verbose", "device_map",
-                      "max_memory", "offload_folder"})
+                      "max_memory", "offload_folder", "wandb"})
 """Fields that change how a stage runs, not what it produces: ignored when comparing stages."""
 
 SPEC_FIELDS = ("data", "ood")
@@ -139,8 +140,8 @@ def read_record(path: Path) -> dict:
 
 
 @dataclass
-class TrainConfig:
-    """What every training job (SAE, decoder, lens) shares: where it runs and how it fails over."""
+class TrainConfig(TrackingConfig):
+    """What every training job (SAE, decoder, lens) shares: where it runs, how it fails over, where metrics go."""
 
     cache_dir: Path = Path("runs/cache")
     """Where activation/teacher caches are kept (and reused)."""

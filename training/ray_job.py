@@ -1,6 +1,6 @@
 """Running a stage's trainer as a Ray Train job: one place for the Ray plumbing that the SAE and
 distillation stages share (start Ray, size the workers, build the trainer on each worker, resume,
-fail over, report failures, TensorBoard).
+fail over, report failures, TensorBoard and W&B).
 
 The same call runs a laptop job (one CPU worker) and a cluster job (more workers, GPUs). A stage
 gives `run_stage_job` its config and the import path of a `build(cfg, job, rank, world, reporter)`
@@ -19,6 +19,7 @@ import torch
 from models.errors import JobError
 from training.config import from_record, to_record
 from training.layout import RunLayout
+from training.tracking import MetricWriter, wandb_settings
 
 MAX_FAILURES = 3
 """Worker failures Ray Train recovers from (each restart resumes from the last checkpoint)."""
@@ -29,7 +30,7 @@ def run_stage_job(cfg: Any, build: str, job: dict, what: str) -> None:
     since workers run in another folder), calls `build` ("module:function") and runs the trainer.
     `job` is stage data the builder needs beyond the config (JSON values)."""
     loop_config = {"cls": f"{type(cfg).__module__}:{type(cfg).__qualname__}", "cfg": to_record(cfg),
-                   "build": build, "job": job, "desc": what}
+                   "build": build, "job": job, "desc": what, "wandb": wandb_settings(cfg.wandb, Path(cfg.out).name)}
     run_torch_job(stage_worker, loop_config, Path(cfg.out), cfg.workers, cfg.use_gpu, what)
 
 
@@ -47,7 +48,7 @@ def stage_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])  # not OMP_NUM_THREADS: a user's shell may pin it to 1
     holder: dict = {}
-    reporter = tensorboard_reporter(cfg.out, rank, lambda: holder["trainer"])
+    reporter = metric_reporter(cfg.out, rank, lambda: holder["trainer"], config["wandb"], config["cfg"])
     trainer, finish = _import(config["build"])(cfg, config["job"], rank, world, reporter)
     holder["trainer"] = trainer
     if world > 1:
@@ -94,26 +95,21 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
             ray.shutdown()
 
 
-def tensorboard_reporter(out: Path, rank: int, get_trainer: Callable[[], Any]):
-    """A `reporter(step, metrics, checkpoint=None)` for training loops: TensorBoard scalars on rank 0
-    (x axis = step × the trainer's tokens per step, i.e. tokens), and checkpoints handed to Ray Train
-    on every rank with the trainer's last metrics."""
+def metric_reporter(out: Path, rank: int, get_trainer: Callable[[], Any], wandb: dict | None = None,
+                    record: dict | None = None):
+    """A `reporter(step, metrics, checkpoint=None)` for training loops: scalars on rank 0 to TensorBoard and, with
+    `wandb` (`training.tracking.wandb_settings`), to W&B (x axis = step × the trainer's tokens per step, i.e.
+    tokens), and checkpoints handed to Ray Train on every rank with the trainer's last metrics."""
     import ray.train
 
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(RunLayout(out).tb))
+    writer = MetricWriter(RunLayout(out).tb, wandb, record) if rank == 0 else None
 
     def reporter(step, metrics, checkpoint=None):
         if "checkpoint_step" in metrics:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
             ray.train.report({"step": step, **get_trainer().last_metrics}, checkpoint=ckpt)
         elif writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step * get_trainer().tokens_per_step)
-            writer.flush()
+            writer.log(metrics, step * get_trainer().tokens_per_step)
 
     reporter.close = (lambda: writer.close()) if writer is not None else (lambda: None)
     return reporter
