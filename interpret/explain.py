@@ -43,6 +43,7 @@ from interpret.explain_records import (
     TokenProb,
 )
 from interpret.run import InterpretRun
+from models.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def _load_side_data(run: InterpretRun) -> tuple[dict, object, dict]:
     if run.scores.is_file():
         from interpret.scoring import SCORE_KEYS
 
-        data = json.loads(run.scores.read_text()).get("features", {})
+        data = read_json(run.scores).get("features", {})
         for f, by_backend in data.items():
             for backend in ("openai", "local", "stats"):
                 if backend in by_backend:

@@ -13,7 +13,6 @@ out every context the label was made from (`examples_shown`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -27,8 +26,7 @@ from interpret.label_config import LabelConfig
 from interpret.labelers import PROMPT_VERSION, Labeler, make_labeler
 from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
-from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,7 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
     all_evidence = load_evidence(run)
     ids = select_features(run, all_evidence, cfg.top)
     evidence = {fid: all_evidence[fid] for fid in ids}  # examples are rebuilt on every access: once only
-    cache = read_json(run.label_cache, {"entries": {}})
+    cache = read_json_or(run.label_cache, {"entries": {}})
     model_id = labeler.model_id if labeler is not None else _model_id(cfg)
 
     keys = {fid: cache_key(cfg.backend, model_id, cfg.examples, evidence[fid]) for fid in ids}
@@ -55,7 +53,7 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
         labeler = labeler or make_labeler(cfg.backend, cfg, examples=cfg.examples)
         _label_misses(labeler, [evidence[fid] for fid in misses], keys, cache, run, cfg.batch_size)
 
-    labels = read_json(run.labels, {"features": {}})
+    labels = read_json_or(run.labels, {"features": {}})
     for fid in ids:
         labels["features"].setdefault(str(fid), {})[cfg.backend] = _record(
             cache["entries"][keys[fid]], cfg, model_id, evidence[fid])
@@ -72,7 +70,7 @@ def select_features(run: InterpretRun, evidence: Mapping[int, FeatureEvidence], 
     """The first `top` ids of importance.json that have evidence, else the `top` densest live features."""
     available = set(evidence)  # iterating ids is cheap; `in`/values() would rebuild every feature's examples
     if run.importance.is_file():
-        ranked = [int(f["id"]) for f in json.loads(run.importance.read_text())["features"]]
+        ranked = [int(f["id"]) for f in read_json(run.importance)["features"]]
         missing = [fid for fid in ranked[:top] if fid not in available]
         if missing:
             log.warning("%d of the top %d important features have no evidence and are skipped (e.g. %s)",
@@ -96,7 +94,7 @@ def cache_key(backend: str, model_id: str, examples: int, ev: FeatureEvidence) -
 def load_label_records(run: InterpretRun) -> dict[int, dict[str, dict]]:
     """Every stored label record: feature id → backend → record."""
     path = run.require(run.labels, "features label")
-    return {int(fid): dict(by_backend) for fid, by_backend in json.loads(path.read_text())["features"].items()}
+    return {int(fid): dict(by_backend) for fid, by_backend in read_json(path)["features"].items()}
 
 
 def load_labels(run: InterpretRun, prefer: tuple[str, ...] = LABEL_BACKENDS) -> dict[int, str]:
@@ -156,13 +154,9 @@ def config_json(cfg) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
-def read_json(path: Path, default: dict) -> dict:
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); delete it to start over") from e
+def read_json_or(path: Path, default: dict) -> dict:
+    """A JSON file that a command adds to (labels, reviews, caches); `default` before the first run."""
+    return read_json(path, "delete it to start over") if path.is_file() else default
 
 
 def now_iso() -> str:

@@ -25,7 +25,7 @@ from interpret.config import EvalConfig
 from interpret.eval_records import TARGETS, Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.run import InterpretRun
 from models.errors import ConfigError
-from models.io import write_json_atomic, write_text_atomic
+from models.io import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
     """The label-coverage row, and the label scores' summary it was computed from."""
     if not (run.scores.is_file() and run.evidence.is_file()):
         return MetricRow.measure("label_coverage", None, "not measured: run `features label` and `features score`"), {}
-    live = int(json.loads(run.evidence.read_text())["live"])
-    scores = json.loads(run.scores.read_text())
+    live = int(read_json(run.evidence)["live"])
+    scores = read_json(run.scores)
     best: dict[str, bool] = {}  # feature → whether any backend's label is verified; dense features apart
     dense = 0
     for f, by_backend in scores.get("features", {}).items():
@@ -77,7 +77,7 @@ def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
 def _importance_share_row(run: InterpretRun) -> MetricRow:
     if not run.importance.is_file():
         return MetricRow.measure("top10_share", None, "not measured: run `features importance`")
-    imp = json.loads(run.importance.read_text())
+    imp = read_json(run.importance)
     return MetricRow.measure("top10_share", imp["top10_share"],
                              f"{imp['share_predictions']} predictions, decoder {imp.get('decoder')}")
 

@@ -36,7 +36,6 @@ control's own verified fraction, and the dense features apart.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -66,7 +65,7 @@ from interpret.score_stats import (  # noqa: F401
     wilson_interval,
 )
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +280,7 @@ def _resumable(run: InterpretRun, settings: dict) -> dict[str, dict]:
     """Scores already in scores.json that were made with the same settings (else nothing)."""
     if not run.scores.is_file():
         return {}
-    old = json.loads(run.scores.read_text())
+    old = read_json(run.scores)
     if any(old.get(k) != v for k, v in settings.items()):
         return {}
     return old.get("features", {})
