@@ -7,8 +7,6 @@ import importlib
 import logging
 import signal
 import sys
-import types
-import typing
 from pathlib import Path
 
 # command -> (module, config class, function taking the config); imported only when used,
@@ -90,30 +88,17 @@ def _file_defaults(cls, path: Path):
     given with its default value. It is not validated: the file may hold values that are only valid
     together with the command line's flags, and tyro builds (and validates) the final config anyway.
     """
-    import yaml
-
     from models.errors import ConfigError
+    from models.io import read_yaml
+    from training.config import typed_options
 
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    data = read_yaml(path, f"--config {path}")
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value, got a {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in data if k not in fields)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)} (option names are field names, "
-                          "with underscores: train_batch)")
-    hints = typing.get_type_hints(cls)
-    values = {name: _field_default(f) for name, f in fields.items()}
-    values.update({name: _as_field_type(path, name, hints[name], value) for name, value in data.items()})
+    values = {f.name: _field_default(f) for f in dataclasses.fields(cls)}
+    values.update(typed_options(cls, data, f"--config {path}"))
     defaults = object.__new__(cls)  # bypasses __init__, and so __post_init__'s validation (see above)
     defaults.__dict__.update(values)
     return defaults
@@ -129,41 +114,43 @@ def _field_default(field: dataclasses.Field):
     return tyro.MISSING  # still required on the command line
 
 
-def _as_field_type(path: Path, name: str, hint, value):
-    """A YAML value as its field's type: YAML reads paths as strings, and `1e-5` (no dot) as a string too."""
+def _parse(config_cls, args: list[str], prog: str, description: str, defaults):
+    """The config tyro parses from `args`; a usage error (tyro prints it as a box) becomes a one-line ConfigError."""
+    import contextlib
+    import io
+
+    import tyro
+
     from models.errors import ConfigError
 
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    for kind in typing.get_args(hint) if union else (hint,):
-        if typing.get_origin(kind) is typing.Literal:
-            if value in typing.get_args(kind):
-                return value
-        elif kind is type(None) or kind is bool or kind is str:
-            if isinstance(value, kind):
-                return value
-        elif kind is Path:
-            if isinstance(value, str):
-                return Path(value)
-        elif kind in (int, float) and not isinstance(value, bool):
-            if isinstance(value, int):
-                return kind(value)
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if kind is float or number.is_integer():
-                return kind(number)
-        else:  # a type without a YAML spelling to check: tyro's construction is the check
-            return value
-    raise ConfigError(f"--config {path}: {name}: expected {_type_name(hint)}, got {value!r}")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            cfg = tyro.cli(config_cls, args=args, prog=prog, description=description, default=defaults)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise ConfigError(_box_to_line(captured.getvalue()) + f" (see {prog} --help)") from None
+        sys.stderr.write(captured.getvalue())
+        raise
+    except BaseException:
+        sys.stderr.write(captured.getvalue())  # what was printed before a config's own check failed
+        raise
+    sys.stderr.write(captured.getvalue())  # warnings printed while parsing
+    return cfg
 
 
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+def _box_to_line(text: str) -> str:
+    """The first paragraph of tyro's boxed error message, on one line."""
+    frame = "╭╮╰╯│─━┃┏┓┗┛+|-= "
+    words: list[str] = []
+    for line in text.splitlines()[1:]:  # the first line is the box's title
+        content = line.strip().strip("│┃|").strip()
+        if not content.strip(frame):  # a rule: the first paragraph has ended
+            if words:
+                break
+            continue
+        words.append(content)
+    return " ".join(words) or "invalid arguments"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_file = _config_file(rest) if "config" in {f.name for f in dataclasses.fields(config_cls)} else None
         defaults = _file_defaults(config_cls, config_file) if config_file is not None else tyro.MISSING_NONPROP
-        cfg = tyro.cli(config_cls, args=rest, prog=f"faithlens {name}", description=help_, default=defaults)
+        cfg = _parse(config_cls, rest, f"faithlens {name}", help_, defaults)
         func = getattr(importlib.import_module(module_name), func_name)
         func(cfg)
     except (ConfigError, JobError) as e:

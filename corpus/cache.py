@@ -33,7 +33,7 @@ from corpus.packing import Packed, sequences
 from corpus.sources import parse_sources
 from models.errors import ConfigError
 from models.frozen import FrozenLM
-from models.io import atomic_path, write_json_atomic
+from models.io import atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class ActivationCache:
         path = root / MANIFEST
         if not path.is_file():
             raise ConfigError(f"{root}: not an activation cache (no {MANIFEST})")
-        manifest = json.loads(path.read_text())
-        if not manifest.get("complete"):
+        manifest = read_json(path, "rerun the `faithlens cache` command that built it to rebuild it")
+        if not isinstance(manifest, dict) or not manifest.get("complete"):
             raise ConfigError(f"{root}: the cache build did not finish; rerun the same `faithlens cache` command to resume it")
         if verify:
             for entry in manifest["shards"]:
@@ -206,9 +206,7 @@ def _load_manifest(root: Path, payload: dict, frozen: FrozenLM, layers: list[int
         "d_model": frozen.d_model, "vocab_size": frozen.vocab_size, "model": frozen.name,
         "top_k": payload["top_k"], "data": cfg.ood if cfg.split == "ood" else cfg.data, "split": cfg.split,
     }
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, manifest)
-    return manifest
+    return manifest  # written with the first shard, so a corpus that yields nothing leaves nothing behind
 
 
 def _compute_shard(frozen: FrozenLM, chunk: list[Packed], layers: list[int], cfg: CacheConfig) -> dict[str, torch.Tensor]:

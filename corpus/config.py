@@ -70,7 +70,7 @@ def parse_layers(text: str, n_layers: int, flag: str = "--layers", drop_beyond: 
     With drop_beyond, layers deeper than the model are skipped instead of refused (a default list
     such as 3,...,25,last then fits shallow models too).
     """
-    layers = []
+    layers, beyond = [], []
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
             continue
@@ -82,10 +82,15 @@ def parse_layers(text: str, n_layers: int, flag: str = "--layers", drop_beyond: 
         except ValueError:
             raise ConfigError(f"{flag}: expected comma-separated layer numbers or 'last', got {part!r}") from None
         if drop_beyond and layer > n_layers:
+            beyond.append(layer)
             continue
         if not 0 <= layer <= n_layers:
-            raise ConfigError(f"{flag}: layer {layer} is outside the model's range 0..{n_layers}")
+            raise ConfigError(f"{flag}: layer {layer} is outside the model's range 0..{n_layers} "
+                              f"(0 = embeddings, {n_layers} = 'last')")
         layers.append(layer)
+    if not layers and beyond:
+        raise ConfigError(f"{flag}: layer(s) {', '.join(map(str, beyond))} beyond the model's last block; it has "
+                          f"layers 0..{n_layers} (0 = embeddings, {n_layers} = 'last')")
     if not layers:
         raise ConfigError(f"{flag}: no layer given")
     return sorted(set(layers))

@@ -139,6 +139,8 @@ def _iter_file(path: Path, cfg: CorpusConfig) -> Iterator[str]:
 def read_text(path: Path, encoding: str = "auto") -> str:
     """Read a text file; auto = UTF-8, else Latin-1 with a warning; an explicit encoding is strict."""
     data = path.read_bytes()
+    if (nul := data.find(b"\x00")) >= 0:
+        raise ConfigError(f"{path}: not a text file (a NUL byte at offset {nul}); expected UTF-8 or Latin-1 text")
     if encoding != "auto":
         try:
             return data.decode(encoding)
@@ -169,12 +171,14 @@ def _paragraph_blocks(text: str) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line); expected JSON lines") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if isinstance(row, dict) and isinstance(row.get(text_field), str):
@@ -191,7 +195,10 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{path}: not a Parquet file ({e})") from None
     if text_field not in table.schema_arrow.names:
         raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); set --text-field")
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from distill.config import DistillConfig, LensTrainConfig, TrainLoopConfig
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 from sae.model import SparseAutoencoder
 from training.config import differences, from_record, read_record, to_record
 from training.layout import RunLayout, resolve_sae_dir
@@ -261,7 +261,7 @@ def extrapolate(curve: list[dict], target: float, key: str = "kl") -> float | No
 
 def cell_result(cell: Cell, frozen_cfg: dict, wall_s: float | None) -> dict:
     run = RunLayout(cell.cfg.out)
-    metrics = json.loads(run.metrics.read_text())
+    metrics = read_json(run.metrics)
     is_lens = isinstance(cell.cfg, LensTrainConfig)
     folder = run.lens if is_lens else run.decoder
     meta = json.loads((folder / ("lens.json" if is_lens else "decoder.json")).read_text())
@@ -284,7 +284,7 @@ def cell_result(cell: Cell, frozen_cfg: dict, wall_s: float | None) -> dict:
     if name_arch == "context":
         blocks = RunLayout(cell.cfg.out).root / "blocks.json"
         if blocks.is_file():
-            result["greedy_path"] = json.loads(blocks.read_text())["path"]
+            result["greedy_path"] = read_json(blocks)["path"]
     return result
 
 
@@ -348,7 +348,7 @@ def run_frontier(cfg: FrontierConfig) -> dict:
 def _previous_walls(path: Path) -> dict:
     if not path.is_file():
         return {}
-    return {c["name"]: c.get("wall_s") for c in json.loads(path.read_text()).get("cells", [])}
+    return {c["name"]: c.get("wall_s") for c in read_json(path).get("cells", [])}
 
 
 def frontier_table(report: dict) -> str:

@@ -9,7 +9,6 @@ blocks.json (--blocks greedy: the removal path).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from corpus.config import CacheConfig
 from distill.config import DistillConfig, LensTrainConfig, TrainLoopConfig
 from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 from models.loading import load_frozen
 from sae.model import SparseAutoencoder
 from training.config import inherit_corpus, pick, to_record
@@ -74,7 +73,7 @@ def choose_blocks(cfg: DistillConfig, frozen, sae_dir: Path, layer: int) -> list
     settings = {"sae": str(sae_dir.resolve()), "layer": layer, "n_layers": cfg.n_layers, "tokens": cfg.select_tokens,
                 "bos_stream": cfg.bos_stream, "data": to_record(cfg)["data"], "seq_len": cfg.seq_len, "seed": cfg.seed}
     if record_path.is_file():
-        saved = json.loads(record_path.read_text())
+        saved = read_json(record_path)
         if saved.get("settings") == settings:
             return saved["kept"]
     kept, path = greedy_blocks(cfg, frozen, sae_dir, layer, cfg.n_layers)
@@ -166,7 +165,7 @@ def _launch(cfg: TrainLoopConfig, kind: str, layer: int, source: dict, job: dict
 
 def _report(cfg: TrainLoopConfig, what: Path) -> None:
     run = RunLayout(cfg.out)
-    metrics = json.loads(run.metrics.read_text())
+    metrics = read_json(run.metrics)
     for point in metrics["curve"]:
         print(f"  held-out after {point['tokens']:>9,} tokens: KL {point['kl']:.3f} nats/token, top-1 {point['top1']:.1%}")
     print(f"saved {what}; metrics {run.metrics}; TensorBoard: tensorboard --logdir {run.tb}")
@@ -182,7 +181,7 @@ def run_decoder_train(cfg: DistillConfig) -> Path:
         cfg = inherit_corpus(cfg, sae_run.config, "decoder train", "the SAE stage")
     layer = int(meta["layer"])
     frozen = load_frozen(cfg)
-    frozen.check_layer(layer)
+    frozen.check_layer(layer, f"--sae {sae_dir}/cfg.json: layer")
     if frozen.d_model != meta["d_in"]:
         raise ConfigError(f"--sae {sae_dir}: SAE width d_in={meta['d_in']} does not match --model {cfg.model} "
                           f"(d_model={frozen.d_model})")

@@ -8,7 +8,6 @@ members' labels (their most frequent words) or, without labels, from their share
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 
@@ -21,7 +20,7 @@ from rich.table import Table
 from interpret.config import ClusterConfig
 from interpret.run import InterpretRun
 from models.decoder import read_decoder_meta
-from models.io import write_json_atomic
+from models.io import load_safetensors, read_json, write_json_atomic
 from sae.model import SparseAutoencoder
 
 _STOP = {"the", "a", "an", "of", "and", "or", "to", "in", "on", "for", "with", "is", "are", "token", "tokens", "word",
@@ -64,12 +63,11 @@ def cluster_label(labels: list[str], promoted: list[list[str]]) -> str:
 def _firing_matrix(run: InterpretRun, features: list[int]):
     """Sparse [tokens, n] 0/1 matrix of where each chosen feature fires, from the evidence scan."""
     import scipy.sparse as sp
-    from safetensors.torch import load_file
 
     path = run.dir / "evidence.safetensors"
     if not path.is_file():
         return None
-    t = load_file(str(path))
+    t = load_safetensors(path)
     idx = t["codes.indices"].flatten(0, 1).long()
     val = t["codes.values"].flatten(0, 1)
     col = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
@@ -84,9 +82,9 @@ def run_cluster(cfg: ClusterConfig) -> dict:
     run = InterpretRun(cfg.run)
     meta = read_decoder_meta(run.decoder_dir)
     sae = SparseAutoencoder.load(run.sae_dir(meta.get("sae")))
-    evidence = json.loads(run.require(run.evidence, "features evidence").read_text())["features"]
+    evidence = read_json(run.require(run.evidence, "features evidence"))["features"]
     if cfg.top and run.importance.is_file():
-        ranked = [f["id"] for f in json.loads(run.importance.read_text())["features"] if str(f["id"]) in evidence]
+        ranked = [f["id"] for f in read_json(run.importance)["features"] if str(f["id"]) in evidence]
         features = ranked[: cfg.top]
     else:
         features = sorted(int(f) for f in evidence)[: cfg.top or None]

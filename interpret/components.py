@@ -63,4 +63,5 @@ def load_components(run: InterpretRun, model_cfg: ModelConfig | None = None, fro
     if "layer" not in meta:
         raise ConfigError(f"{run.decoder_dir}/decoder.json records no layer; retrain or add \"layer\" to it")
     layer = int(meta["layer"])
-    return Components(run=run, frozen=frozen, sae=sae, decoder=decoder, layer=frozen.check_layer(layer), meta=meta)
+    layer = frozen.check_layer(layer, f"{run.decoder_dir}/decoder.json: layer")
+    return Components(run=run, frozen=frozen, sae=sae, decoder=decoder, layer=layer, meta=meta)

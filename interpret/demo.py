@@ -15,7 +15,6 @@ resume from their own checkpoints), and a rerun with another `--sae-k` retrains 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +23,8 @@ from pathlib import Path
 from rich.console import Console
 
 from models.config import DEFAULT_MODEL
+from models.errors import ConfigError
+from models.io import read_json
 from training.config import to_record
 from training.layout import RunLayout
 from training.stages import StagePlan
@@ -90,6 +91,25 @@ class DemoConfig:
 
     explain: str = "What is 17 + 3?"
     """Input explained at the end."""
+
+    def __post_init__(self) -> None:
+        """Checks what would otherwise fail only at the stage that reads it, after the earlier stages ran."""
+        import typing
+
+        from corpus.sources import parse_sources
+        from models.decoder import Arch
+
+        sizes = ("cache_tokens", "baseline_tokens", "sae_latents", "sae_eval_tokens", "ppo_steps", "label_top", "eval_tokens")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(self, name)}")
+        if not 1 <= self.sae_k <= self.sae_latents:
+            raise ConfigError(f"--sae-k: expected 1..{self.sae_latents} (--sae-latents), got {self.sae_k}")
+        if self.decoder_arch not in typing.get_args(Arch):
+            raise ConfigError(f"--decoder-arch: expected one of {', '.join(typing.get_args(Arch))}, got {self.decoder_arch!r}")
+        parse_sources(self.data, "--data")
+        if self.ood.strip():
+            parse_sources(self.ood, "--ood")
 
 
 class _Stages:
@@ -269,7 +289,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
                           task_examples=cfg.task_examples, ppo=run.ppo.root)
     reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg))
     if reused:
-        print_table(EvalReport.from_json(json.loads(run.eval_json.read_text())), stages.console)
+        print_table(EvalReport.from_json(read_json(run.eval_json)), stages.console)
     stages.done(t, run.eval.root, reused)
 
     stages.console.print(f"[bold]HTML dashboard: {run.explain_html}")

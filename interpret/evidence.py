@@ -19,14 +19,13 @@ evidence.json whose features carry their examples inline (FeatureEvidence.to_jso
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from corpus.packing import sequences
@@ -34,7 +33,7 @@ from interpret.components import Components, load_components
 from interpret.config import EvidenceConfig
 from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
-from models.io import atomic_path, write_json_atomic
+from models.io import atomic_path, load_safetensors, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +240,8 @@ def save_evidence(run: InterpretRun, meta: dict, tensors: dict[str, torch.Tensor
 
 
 def load_evidence(run: InterpretRun) -> Evidence:
-    meta = json.loads(run.require(run.evidence, "features evidence").read_text())
-    tensors = load_file(str(run.dir / TENSORS)) if meta.get("format") == "refs" else None
+    meta = read_json(run.require(run.evidence, "features evidence"))
+    tensors = load_safetensors(run.dir / TENSORS) if meta.get("format") == "refs" else None
     return Evidence(meta, tensors)
 
 

@@ -16,13 +16,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interpret.config import ExplainerConfig
 from interpret.run import InterpretRun
-from models.io import atomic_path, write_json_atomic
+from models.io import atomic_path, load_safetensors, read_json, write_json_atomic
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD, BOS, EOS, UNK = range(4)
@@ -80,9 +80,9 @@ class ExplanationDecoder(nn.Module):
 
     @classmethod
     def load(cls, directory) -> ExplanationDecoder:
-        meta = json.loads((directory / "explainer.json").read_text())
+        meta = read_json(directory / "explainer.json")
         model = cls(meta["num_latents"], meta["vocab"], meta["hidden"], meta["max_words"])
-        model.load_state_dict(load_file(str(directory / "explainer.safetensors")))
+        model.load_state_dict(load_safetensors(directory / "explainer.safetensors"))
         return model.eval()
 
     def describe(self, comp, text: str, chat: bool = False) -> str:
@@ -109,7 +109,7 @@ def word_f1(pred: str, ref: str) -> float:
 
 def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str]]:
     """(indices_NK, values_NK, texts) for positions with at least one labelled feature active."""
-    t = load_file(str(run.dir / "evidence.safetensors"))
+    t = load_safetensors(run.dir / "evidence.safetensors")
     idx = t["codes.indices"].flatten(0, 1).long()
     val = t["codes.values"].flatten(0, 1).float()
     labelled = torch.zeros(int(idx.max()) + 1 if len(labels) == 0 else max(int(idx.max()), max(labels)) + 1, dtype=torch.bool)
@@ -140,7 +140,7 @@ def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: Interpret
         for w in words(text):
             counts[w] = counts.get(w, 0) + 1
     vocab = SPECIALS + sorted(counts)
-    num_latents = int(json.loads(run.evidence.read_text())["num_latents"])
+    num_latents = int(read_json(run.evidence)["num_latents"])
     model = ExplanationDecoder(num_latents, vocab, cfg.hidden)
     encoded = [model.encode_text(t) for t in texts]
     L = max(len(e) for e in encoded)

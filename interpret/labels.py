@@ -19,7 +19,6 @@ out every context the label was made from (`examples_shown`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -35,8 +34,7 @@ from interpret.label_config import SCORE_KEYS, LabelConfig
 from interpret.labelers import PROMPT_VERSION, Labeler, make_labeler
 from interpret.records import Example, FeatureEvidence, ShownLabel
 from interpret.run import InterpretRun
-from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
     all_evidence = load_evidence(run)
     selection = select(run, all_evidence, cfg.sample, cfg.top, cfg.seed)
     ids = sorted(live_density(all_evidence)) if cfg.backend == "stats" else selection.features
-    cache = read_json(run.label_cache, {"entries": {}})
+    cache = read_json_or(run.label_cache, {"entries": {}})
     model_id = labeler.model_id if labeler is not None else _model_id(cfg)
 
     # examples are rebuilt on every access: one feature at a time, so that every live feature fits in memory
@@ -67,7 +65,7 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
         labeler = labeler or make_labeler(cfg.backend, cfg, examples=cfg.examples)
         _label_misses(labeler, misses, all_evidence, keys, cache, run, cfg.batch_size)
 
-    labels = read_json(run.labels, {"features": {}})
+    labels = read_json_or(run.labels, {"features": {}})
     _record_selection(labels, selection)
     for fid in ids:
         labels["features"].setdefault(str(fid), {})[cfg.backend] = _record(
@@ -101,7 +99,7 @@ def cache_key(backend: str, model_id: str, examples: int, evidence_digest: str) 
 def load_label_records(run: InterpretRun) -> dict[int, dict[str, dict]]:
     """Every stored label record: feature id → backend → record."""
     path = run.require(run.labels, "features label")
-    return {int(fid): dict(by_backend) for fid, by_backend in json.loads(path.read_text())["features"].items()}
+    return {int(fid): dict(by_backend) for fid, by_backend in read_json(path)["features"].items()}
 
 
 def load_labels(run: InterpretRun, prefer: tuple[str, ...] = LABEL_BACKENDS) -> dict[int, str]:
@@ -144,7 +142,7 @@ def _best_scored(backends: list[str], rows: dict[str, dict]) -> str:
 
 def load_shown_labels(run: InterpretRun) -> dict[int, ShownLabel]:
     """`shown_labels` of the run's labels.json and scores.json (every label unverified without scores)."""
-    scored = json.loads(run.scores.read_text()).get("features", {}) if run.scores.is_file() else {}
+    scored = read_json(run.scores).get("features", {}) if run.scores.is_file() else {}
     return shown_labels(load_label_records(run), scored)
 
 
@@ -201,13 +199,9 @@ def config_json(cfg) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
 
 
-def read_json(path: Path, default: dict) -> dict:
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); delete it to start over") from e
+def read_json_or(path: Path, default: dict) -> dict:
+    """A JSON file that a command adds to (labels, reviews, caches); `default` before the first run."""
+    return read_json(path, "delete it to start over") if path.is_file() else default
 
 
 def now_iso() -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from interpret.eval_records import EvalReport
-from models.io import atomic_path
+from models.io import atomic_path, read_json
 
 
 def _figure():
@@ -86,5 +85,5 @@ def write_plots(report: EvalReport, folder: Path) -> list[Path]:
     if ppo_decoder:
         history = Path(ppo_decoder).parent / "history.json"
         if history.is_file():
-            paths.append(ppo_curves(json.loads(history.read_text()), folder / "ppo_training.png", f"PPO run {history.parent}"))
+            paths.append(ppo_curves(read_json(history), folder / "ppo_training.png", f"PPO run {history.parent}"))
     return paths

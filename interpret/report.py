@@ -27,7 +27,7 @@ from interpret.coverage import Selection, coverage_note, verified_share
 from interpret.eval_records import TARGETS, Baseline, CorpusScore, EvalReport, MetricRow
 from interpret.run import InterpretRun
 from models.errors import ConfigError
-from models.io import write_json_atomic, write_text_atomic
+from models.io import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _label_coverage_row(run: InterpretRun) -> tuple[MetricRow, dict]:
 def _importance_share_row(run: InterpretRun) -> MetricRow:
     if not run.importance.is_file():
         return MetricRow.measure("top10_share", None, "not measured: run `features importance`")
-    imp = json.loads(run.importance.read_text())
+    imp = read_json(run.importance)
     return MetricRow.measure("top10_share", imp["top10_share"],
                              f"{imp['share_predictions']} predictions, decoder {imp.get('decoder')}")
 

@@ -8,7 +8,6 @@ rerun skips what was already reviewed:
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 from collections.abc import Callable
 
@@ -18,11 +17,11 @@ from rich.prompt import Prompt
 
 from interpret.coverage import live_density, most_important
 from interpret.label_config import ReviewConfig
-from interpret.labels import load_label_records, now_iso, read_json
+from interpret.labels import load_label_records, now_iso, read_json_or
 from interpret.records import FeatureEvidence
 from interpret.run import InterpretRun
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def run_review(cfg: ReviewConfig, ask: Ask | None = None, console: Console | Non
     records = load_label_records(run)
     evidence = _evidence_or_empty(run)
     reviewer = cfg.reviewer or getpass.getuser()
-    reviews = read_json(run.reviews, {})
+    reviews = read_json_or(run.reviews, {})
 
     queue = [(fid, backend, rec) for fid in _order(run, records, evidence, cfg.top)
              for backend, rec in sorted(records[fid].items())
@@ -65,7 +64,10 @@ def run_review(cfg: ReviewConfig, ask: Ask | None = None, console: Console | Non
 
 def _ask_score(ask: Ask, console: Console) -> float | str:
     while True:
-        answer = ask("score 0–1 (s skip, q quit)").strip().lower()
+        try:
+            answer = ask("score 0–1 (s skip, q quit)").strip().lower()
+        except EOFError:  # end of input (Ctrl-D, or no terminal): stop, keeping what was saved
+            return "q"
         if answer in ("q", "s"):
             return answer
         try:
@@ -93,7 +95,7 @@ def _show(console: Console, i: int, n: int, fid: int, backend: str, label: str, 
 
 def _order(run: InterpretRun, records: dict, evidence: dict, top: int) -> list[int]:
     if run.importance.is_file():
-        ranked = [int(f["id"]) for f in json.loads(run.importance.read_text())["features"]]
+        ranked = [int(f["id"]) for f in read_json(run.importance)["features"]]
         return [fid for fid in ranked if fid in records][:top]
     if evidence:
         return [fid for fid in most_important(run, live_density(evidence), len(evidence)) if fid in records][:top]

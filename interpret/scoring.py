@@ -42,7 +42,6 @@ the random sample (`coverage.verified_share`: dense and unscored features count 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -72,7 +71,7 @@ from interpret.score_stats import (  # noqa: F401
 )
 from interpret.score_summary import CONTROL_QUANTILE, summarise, summary_table
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +281,7 @@ def _resumable(run: InterpretRun, settings: dict, jobs: Sequence[Job]) -> dict[s
     """The rows of `jobs` already in scores.json, made with the same settings (else nothing)."""
     if not run.scores.is_file():
         return {}
-    old = json.loads(run.scores.read_text())
+    old = read_json(run.scores)
     if any(old.get(k) != v for k, v in settings.items()):
         return {}
     kept: dict[str, dict] = {}

@@ -29,12 +29,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.errors import ConfigError
 from models.head import FrozenHead
-from models.io import atomic_path
+from models.io import atomic_path, load_safetensors, read_json
 from models.loading import fast_bf16
 
 Arch = Literal["linear", "readout", "context"]
@@ -208,7 +208,7 @@ def read_decoder_meta(directory: Path) -> dict:
     directory = Path(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise ConfigError(f"{directory}: not a decoder folder (expected {CONFIG} and {WEIGHTS})")
-    return json.loads((directory / CONFIG).read_text())
+    return read_json(directory / CONFIG)
 
 
 def build_decoder(cfg: DecoderConfig, head: FrozenHead | None) -> Decoder:
@@ -233,7 +233,7 @@ def load_decoder(directory: Path, head: FrozenHead | None) -> Decoder:
         raise ConfigError(f"{directory}: decoder vocabulary {cfg.vocab_size} ≠ model vocabulary {head.vocab_size} "
                           f"(trained on {meta.get('model', 'another model')})")
     decoder = build_decoder(cfg, head)
-    decoder.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+    decoder.load_state_dict(load_safetensors(Path(directory) / WEIGHTS))
     decoder.meta = meta
     return decoder.eval()
 

@@ -92,10 +92,11 @@ class FrozenLM:
         eos = self.tokenizer.eos_token_id
         return self.bos_token_id if eos is None else eos
 
-    def check_layer(self, layer: int) -> int:
+    def check_layer(self, layer: int, flag: str = "--layer") -> int:
+        """`layer`, if this model has it; `flag` names where it came from in the message."""
         if not 0 <= layer <= self.n_layers:
             raise ConfigError(
-                f"--layers: layer {layer} is outside {self.name}'s range 0..{self.n_layers} "
+                f"{flag}: layer {layer} is outside {self.name}'s range 0..{self.n_layers} "
                 f"(0 = embeddings, {self.n_layers} = last block's output)"
             )
         return layer
@@ -125,7 +126,7 @@ class FrozenLM:
         write = dict(write or {})
         read = set(read)
         for layer in read | set(write) | ({stop_after} if stop_after is not None else set()):
-            self.check_layer(layer)
+            self.check_layer(layer, "layer")
         store: dict[int, Tensor] = {}
         with ExitStack() as stack:
             for layer in sorted(read | set(write) | ({stop_after} if stop_after is not None else set())):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.errors import ConfigError
 from models.head import FrozenHead
-from models.io import atomic_path
+from models.io import atomic_path, load_safetensors, read_json
 
 
 class TunedLens(nn.Module):
@@ -44,8 +44,13 @@ class TunedLens(nn.Module):
             directory = directory / "lens"
         if not (directory / "lens.json").is_file():
             raise ConfigError(f"--lens {directory}: not a tuned-lens folder (expected lens.json and lens.safetensors)")
-        meta = json.loads((directory / "lens.json").read_text())
+        meta = read_json(directory / "lens.json")
+        if not isinstance(meta, dict) or "d_model" not in meta:
+            raise ConfigError(f"{directory / 'lens.json'}: expected a JSON object with d_model")
         lens = cls(meta["d_model"], head)
-        lens.translator.load_state_dict(load_file(str(directory / "lens.safetensors")))
+        try:
+            lens.translator.load_state_dict(load_safetensors(directory / "lens.safetensors"))
+        except RuntimeError as e:  # shapes that disagree with lens.json or with the model
+            raise ConfigError(f"{directory / 'lens.safetensors'}: weights do not fit ({' '.join(str(e).split())[:300]})") from None
         lens.meta = meta
         return lens.eval()

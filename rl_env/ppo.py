@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from models.errors import ConfigError
-from models.io import atomic_path, write_json_atomic
+from models.io import atomic_path, read_json, write_json_atomic
 from rl_env.config import EnvConfig
 from rl_env.learner import SlimPPOLearner
 from rl_env.ppo_config import PpoConfig, PpoExportConfig
@@ -88,6 +88,26 @@ def resolve(cfg: PpoConfig) -> PpoConfig:
     elif not context and cfg.context:
         raise ConfigError(f"--context {cfg.context}: a {meta.get('arch')} decoder reads one position; leave --context at 0")
     return replace(cfg, **updates)
+
+
+def check_inputs(cfg: PpoConfig):
+    """What a trial reads, checked before Ray starts (on a resolved config): the SAE, the token env's cache and
+    the held-out corpus. Returns the corpus (`decoder_corpus`)."""
+    from corpus.cache import ActivationCache
+    from sae.model import SparseAutoencoder
+
+    sae = SparseAutoencoder.load(Path(cfg.sae))
+    if cfg.env == "token" and cfg.cache:
+        try:
+            cache = ActivationCache.open(Path(cfg.cache), verify=False)  # the environments verify the shards they read
+        except ConfigError as e:
+            raise ConfigError(f"--cache {e}") from None
+        if cfg.layer not in cache.layers or not cache.has_teacher:
+            raise ConfigError(f"--cache {cfg.cache}: expected layer {cfg.layer} with teacher targets; it holds layers "
+                              f"{cache.layers}{'' if cache.has_teacher else ' without teacher targets'}")
+        if cache.d_model != sae.cfg.d_in:
+            raise ConfigError(f"--cache {cfg.cache}: residuals of width {cache.d_model}, the SAE reads {sae.cfg.d_in}")
+    return decoder_corpus(cfg)
 
 
 CONTEXT_WINDOW = 64
@@ -202,7 +222,7 @@ def held_out_score(ev: dict, weights: dict | None = None) -> float:
 class PpoTrial:
     """One PPO trial as short named steps, shared by `faithlens ppo` and the Tune trainable."""
 
-    def __init__(self, cfg: PpoConfig, out: Path, score_weights: dict | None = None):
+    def __init__(self, cfg: PpoConfig, out: Path, score_weights: dict | None = None, corpus=None):
         from models.loading import load_frozen
         from sae.model import SparseAutoencoder
 
@@ -211,7 +231,7 @@ class PpoTrial:
         wandb = wandb_settings(cfg.wandb, self.out.name)  # checked before the model loads
         frozen = load_frozen(cfg.model_config())
         sae = SparseAutoencoder.load(Path(cfg.sae))
-        corpus = decoder_corpus(cfg)
+        corpus = corpus or decoder_corpus(cfg)
         cache_root = _token_cache(cfg, frozen, corpus) if cfg.env == "token" else ""
         record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
         write_json_atomic(self.out / "config.json", record)
@@ -230,7 +250,7 @@ class PpoTrial:
     def start(self, resume_from: Path | None = None) -> None:
         if resume_from is not None and (Path(resume_from) / "faithlens_state.json").is_file():
             self.algo.restore_from_path(str(resume_from))
-            state = json.loads((Path(resume_from) / "faithlens_state.json").read_text())
+            state = read_json(Path(resume_from) / "faithlens_state.json", f"delete {resume_from} to start the run over")
             self.before, self.alpha_scale = state["before"], state["alpha_scale"]
             self.env_steps, self.iteration, self.last_eval = state["env_steps"], state["iteration"], state["last_eval"]
             self.history = state["history"]
@@ -331,13 +351,14 @@ def run_ppo(cfg: PpoConfig) -> dict:
     from tqdm.auto import tqdm
 
     cfg = resolve(cfg)
+    corpus = check_inputs(cfg)
     out = Path(cfg.out).resolve()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address="local", num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False,
                  include_dashboard=False)
     try:
-        trial = PpoTrial(cfg, out)
+        trial = PpoTrial(cfg, out, corpus=corpus)
         try:
             trial.start(resume_from=RunLayout(out).rllib_checkpoint)
             label = f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}"

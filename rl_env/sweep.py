@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Annotated
 
 import tyro
-import yaml
 
 from models.errors import ConfigError
-from models.io import write_json_atomic
+from models.io import read_json, read_yaml, write_json_atomic
 from rl_env.ppo_config import PpoConfig
+from training.config import typed_options
 from training.tracking import wandb_settings
 
 ALGORITHMS = ("grid", "random", "optuna", "pbt")
@@ -76,9 +76,10 @@ class CompareConfig:
 # -- the sweep file ---------------------------------------------------------------------------------
 def load_sweep(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path}: no such file")
-    spec = _expand(yaml.safe_load(path.read_text()) or {})
+    spec = read_yaml(path, f"sweep file {path}") or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path}: expected a mapping of key: value, got a {type(spec).__name__}")
+    spec = _expand(spec)
     known = {"name", "base", "algorithm", "num_samples", "max_concurrent", "cpus_per_trial", "score", "space", "pbt", "seed"}
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -94,8 +95,14 @@ def load_sweep(path: Path) -> dict:
         bad = sorted(set(spec.get(section) or {}) - options - (set(WEIGHT_KEYS) if section == "space" else set()))
         if bad:
             raise ConfigError(f"sweep file {path}: {section} has unknown option(s) {', '.join(bad)}")
+    for section in ("base", "space", "score", "pbt"):
+        if not isinstance(spec.get(section) or {}, dict):
+            raise ConfigError(f"sweep file {path}: {section}: expected a mapping of option: value")
     if "decoder" not in (spec.get("base") or {}):
         raise ConfigError(f"sweep file {path}: base.decoder (the distilled decoder to start from) is required")
+    # the trials' fixed options as their fields' types (YAML and ${VAR} give strings), JSON values for Tune
+    typed = typed_options(PpoConfig, spec["base"], f"sweep file {path}: base")
+    spec["base"] = {k: str(v) if isinstance(v, Path) else v for k, v in typed.items()}
     if spec["algorithm"] == "pbt" and not (spec.get("pbt") or {}).get("mutations"):
         raise ConfigError(f"sweep file {path}: algorithm pbt needs pbt.mutations")
     if spec["algorithm"] == "optuna" and any("grid" in (d or {}) for d in (spec.get("space") or {}).values() if isinstance(d, dict)):
@@ -239,6 +246,15 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = "", wandb: dic
     )
 
 
+def check_base(spec: dict, path: Path) -> None:
+    """The trials' fixed options checked before Ray starts: valid together, and the decoder, SAE, cache and data
+    they name exist (a sampled option may still fail a trial; a bad base would fail every one)."""
+    from rl_env.ppo import check_inputs, resolve
+
+    try:
+        check_inputs(resolve(PpoConfig(**trial_options(spec["base"], {}))))
+    except ConfigError as e:
+        raise ConfigError(f"sweep file {path}: base: {e}") from None
 def _wandb_callbacks(wandb: dict | None) -> list:
     if wandb is None:
         return []
@@ -254,6 +270,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     wandb = wandb_settings(cfg.wandb)
     # resolve paths before Ray starts: a job's working folder can change under the driver afterwards
     spec["base"] = _absolute(spec["base"], Path.cwd())
+    check_base(spec, cfg.file)
     experiment = (Path(cfg.out) if cfg.out is not None else Path("runs/sweeps") / spec["name"]).resolve()
     experiment.parent.mkdir(parents=True, exist_ok=True)
     started_here = not ray.is_initialized()
@@ -292,8 +309,8 @@ def compare(experiment: Path) -> dict:
     for metrics_path in sorted(experiment.glob("*/ppo/metrics.json")):
         trial_dir = metrics_path.parent.parent
         params_path = trial_dir / "params.json"
-        params = json.loads(params_path.read_text()) if params_path.is_file() else {}
-        metrics = json.loads(metrics_path.read_text())
+        params = read_json(params_path) if params_path.is_file() else {}
+        metrics = read_json(metrics_path, "the trial did not finish writing it; rerun the sweep to resume")
         trials.append({"trial": trial_dir.name, "params": {k: v for k, v in params.items() if not k.startswith("__")},
                        "score": metrics["score"], "kl": metrics["kl"], "top1": metrics["top1"],
                        "task_acc": metrics.get("task_acc"), "env_steps": metrics["env_steps"],

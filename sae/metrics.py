@@ -243,6 +243,7 @@ def run_sae_eval(cfg: SaeEvalConfig, frozen: FrozenLM | None = None) -> dict:
 
         raise ConfigError(f"{sae_dir}/cfg.json records no layer; pass --layer")
     frozen = frozen or load_frozen(cfg)
+    frozen.check_layer(layer, "--layer" if cfg.layer >= 0 else f"{sae_dir / 'cfg.json'}: layer")
     result = evaluate_sae(sae, frozen, cfg, layer, progress=not cfg.json)
     if cfg.out is not None:
         write_json_atomic(Path(cfg.out), result)

@@ -15,11 +15,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.errors import ConfigError
-from models.io import atomic_path
+from models.io import atomic_path, load_safetensors, read_json
 from sae.config import SaeConfig
 
 _CHUNK = 256  # tokens per chunk when gathering decoder rows in backward passes
@@ -268,10 +268,19 @@ class SparseAutoencoder(nn.Module):
         directory = Path(directory)
         if not (directory / "cfg.json").is_file() or not (directory / "sae.safetensors").is_file():
             raise ConfigError(f"{directory}: not an SAE folder (expected cfg.json and sae.safetensors)")
-        meta = json.loads((directory / "cfg.json").read_text())
+        meta = read_json(directory / "cfg.json")
+        if not isinstance(meta, dict) or "d_in" not in meta:
+            raise ConfigError(f"{directory / 'cfg.json'}: expected a JSON object of the SAE's config (with d_in)")
         known = {f.name for f in fields(SaeConfig)}
-        sae = cls(SaeConfig(**{k: v for k, v in meta.items() if k in known}), device=device)
-        state = load_file(str(directory / "sae.safetensors"), device=str(device))
-        sae.load_state_dict(state, strict=False)
+        try:
+            sae = cls(SaeConfig(**{k: v for k, v in meta.items() if k in known}), device=device)
+        except ConfigError as e:
+            raise ConfigError(f"{directory / 'cfg.json'}: {e}") from None
+        state = load_safetensors(directory / "sae.safetensors", device=str(device))
+        try:
+            sae.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes that disagree with cfg.json
+            problem = " ".join(str(e).split())[:300]
+            raise ConfigError(f"{directory / 'sae.safetensors'}: weights do not match cfg.json ({problem})") from None
         sae.meta = meta
         return sae.eval().requires_grad_(False)

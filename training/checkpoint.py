@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from models.io import atomic_path
+from models.io import atomic_path, load_safetensors, read_json
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -55,7 +55,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, opt: torch.optim.Op
 def load_checkpoint(directory: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model and optimizer from `directory`; returns (scalars, extra tensors)."""
     directory = Path(directory)
-    tensors = load_file(str(directory / STATE_TENSORS))
+    tensors = load_safetensors(directory / STATE_TENSORS)
     restore_training_tensors(tensors, model, opt)
     extra = {k: v for k, v in tensors.items() if not k.startswith(("model.", "opt."))}
-    return json.loads((directory / STATE_JSON).read_text()), extra
+    return read_json(directory / STATE_JSON, f"delete {directory} to start the run over"), extra

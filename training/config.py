@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from models.errors import ConfigError
+from models.io import read_json
 from training.tracking import TrackingConfig
 
 C = TypeVar("C")
@@ -79,6 +81,56 @@ def from_record(cls: type[C], record: dict, **overrides: Any) -> C:
     return cls(**values)
 
 
+def typed_options(cls: type, data: dict, where: str) -> dict:
+    """A mapping of option: value read from a file (YAML) as `cls`'s fields, each value as its field's type.
+
+    `where` names the file in messages (e.g. "--config F"); unknown options and values of the wrong type are
+    ConfigErrors. The values are not validated together: that is `cls`'s own `__post_init__`.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} (option names are field names, "
+                          "with underscores: train_batch)")
+    hints = typing.get_type_hints(cls)
+    return {name: _as_field_type(where, name, hints[name], value) for name, value in data.items()}
+
+
+def _as_field_type(where: str, name: str, hint, value):
+    """A YAML value as its field's type: YAML reads paths as strings, and `1e-5` (no dot) as a string too."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(hint) if union else (hint,):
+        if typing.get_origin(kind) is typing.Literal:
+            if value in typing.get_args(kind):
+                return value
+        elif kind is type(None) or kind is bool or kind is str:
+            if isinstance(value, kind):
+                return value
+        elif kind is Path:
+            if isinstance(value, str):
+                return Path(value)
+        elif kind in (int, float) and not isinstance(value, bool):
+            if isinstance(value, int):
+                return kind(value)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if kind is float or number.is_integer():
+                return kind(number)
+        else:  # a type without a YAML spelling to check: tyro's construction is the check
+            return value
+    raise ConfigError(f"{where}: {name}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
 def pick(cfg: Any, cls: type[C], **overrides: Any) -> C:
     """The `cls` part of a config that holds its fields (e.g. the CorpusConfig of a training config)."""
     assert is_dataclass(cls)
@@ -128,12 +180,9 @@ def differences(saved: dict, wanted: dict) -> list[str]:
 def read_record(path: Path) -> dict:
     """A saved config.json; a clear error when it is missing or not a JSON object."""
     path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (the stage's saved config)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (the stage's saved config)")
+    record = read_json(path)
     if not isinstance(record, dict):
         raise ConfigError(f"{path}: expected a JSON object of option: value")
     return record
