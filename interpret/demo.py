@@ -55,17 +55,20 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     """Run directory; a rerun reuses every stage whose saved config matches the one asked for."""
 
-    cache_tokens: int = 40_000
+    cache_tokens: int = 32_768
     """Training tokens in the activation/teacher cache (SAE and decoder train on them)."""
 
-    baseline_tokens: int = 8_192
+    baseline_tokens: int = 4_096
     """Held-out tokens for the layer baselines."""
 
     sae_latents: int = 5760
     """SAE width (10x d_model for SmolLM2-135M)."""
 
-    sae_k: int = 64
+    sae_k: int = 80
     """TopK k of the demo SAE."""
+
+    sae_passes: int = 4
+    """Passes of SAE training over the cache (the SAE trains on passes × --cache-tokens tokens)."""
 
     sae_eval_tokens: int = 4_096
     """Held-out tokens for the SAE metrics."""
@@ -73,20 +76,34 @@ class DemoConfig:
     decoder_arch: str = "context"
     """Decoder architecture: context (best KL), readout or linear."""
 
-    ppo_steps: int = 2_048
-    """Environment steps of the short PPO phase."""
+    decoder_layers: int = 0
+    """context: blocks of the decoder, copied from the frozen model's blocks above the layer (0: all of them, the
+    SAE-spliced model, whose KL is the SAE's spliced KL before distillation)."""
 
-    label_top: int = 20
+    distill_tokens: int = 8_192
+    """Distillation tokens (at lr 1e-4: the copied blocks start near the frozen model and need little)."""
+
+    ppo_steps: int = 1_024
+    """Environment steps of the short PPO phase (anchored to the frozen model: --anchor-kl 10)."""
+
+    labeller: str = "auto"
+    """Labeller and simulator: auto (embedded:qwen2.5-coder-1.5b-instruct when `make labeller` installed it, else the
+    frozen model; the 1.5B model makes the label stage several times slower) or any model spec."""
+
+    label_top: int = 10
     """Most important features labelled by the local model and scored."""
 
-    label_sample: int = 40
+    score_examples: int = 5
+    """Held-out contexts per class per label in the demo's scoring (`features score` uses 11: see the chance rate)."""
+
+    label_sample: int = 20
     """Live features in the stratified random sample labelled by the local model and scored: the eval table's
     coverage is estimated on it (a real estimate needs `features label --sample 200` or more)."""
 
-    eval_tokens: int = 4_096
+    eval_tokens: int = 2_048
     """Held-out tokens per corpus for the eval table."""
 
-    task_examples: int = 10
+    task_examples: int = 5
     """Examples per task suite in the eval table."""
 
     explain: str = "What is 17 + 3?"
@@ -183,37 +200,42 @@ def run_demo(cfg: DemoConfig) -> None:
 
     # the Ray and RLlib stacks load slowly: each stage imports its command only when it runs
     sae_cfg = SaeTrainConfig(model=cfg.model, data=cfg.data, layer=cfg.layer, arch="topk", latents=cfg.sae_latents,
-                             k=cfg.sae_k, tokens=cfg.cache_tokens, out=layout.sae_run.root, cache_dir=layout.cache,
-                             eval_tokens=cfg.sae_eval_tokens, batch_tokens=1024)
+                             k=cfg.sae_k, tokens=cfg.sae_passes * cache.tokens, out=layout.sae_run.root,
+                             cache_dir=layout.cache, eval_tokens=cfg.sae_eval_tokens, batch_tokens=1024)
 
     def sae() -> None:
-        from sae.job import run_sae_train
+        from sae.job import train_and_evaluate
 
-        run_sae_train(sae_cfg)
+        train_and_evaluate(sae_cfg, cache, frozen)  # passes over the demo's cache: no second forward pass
 
-    stages.step(f"TopK SAE on layer {cfg.layer} (Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root)
+    stages.step(f"TopK SAE on layer {cfg.layer}, {sae_cfg.tokens:,} tokens = {cfg.sae_passes} passes over the cache "
+                "(Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root)
 
+    n_layers = cfg.decoder_layers or frozen.n_layers - cfg.layer
     distill_cfg = DistillConfig(model=cfg.model, data=cfg.data, sae=layout.sae_run.root, arch=cfg.decoder_arch,
-                                tokens=cfg.cache_tokens, cache=cache.root, out=layout.distill.root,
-                                eval_tokens=2048, eval_points=4)
+                                n_layers=n_layers, bos_stream=cfg.decoder_arch == "context", lr=1e-4,
+                                tokens=cfg.distill_tokens, cache=cache.root, out=layout.distill.root,
+                                eval_tokens=2048, eval_points=2)
 
     def distill() -> None:
         from distill.job import run_decoder_train
 
         run_decoder_train(distill_cfg)
 
-    stages.step(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)", "distill",
+    what = f"{cfg.decoder_arch} decoder" + (f" ({n_layers} blocks)" if cfg.decoder_arch == "context" else "")
+    stages.step(f"{what} distilled to the frozen model, {cfg.distill_tokens:,} tokens (Ray Train job)", "distill",
                 distill_cfg, distill, layout.distill.decoder)
 
     ppo_cfg = PpoConfig(decoder=layout.distill.root, out=layout.ppo.root, cache=str(cache.root), steps=cfg.ppo_steps,
-                        train_batch=512, minibatch_size=128, eval_every=2, eval_tokens=1024, task_examples=10)
+                        train_batch=512, minibatch_size=128, lr=1e-4, eval_every=1, eval_tokens=1024, task_examples=4, anchor_kl="10",
+                        entropy_reward=1.0)
 
     def ppo() -> None:
         from rl_env.ppo import run_ppo
 
         run_ppo(ppo_cfg)
 
-    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
+    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib, anchored to the frozen model)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
 
     _interpret_stages(cfg, layout, frozen, stages)
     console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
@@ -250,12 +272,14 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
     stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", "evidence",
                 evidence_cfg, evidence, run.evidence)
 
-    t = stages.start(f"labels for a random sample of {cfg.label_sample} live features and the {cfg.label_top} most "
-                     "important (local model; stats labels for all) and their scores")
+    labeller = resolve_labeller(cfg.labeller, cfg.model)
+    t = stages.start(f"labels by {labeller} for a random sample of {cfg.label_sample} live features and the "
+                     f"{cfg.label_top} most important (statistics labels for all), scored on held-out contexts")
     # the stats labels use the same settings as the local model's, which the record holds
-    label_cfg = LabelConfig(run=out, sample=cfg.label_sample, top=cfg.label_top, backend="local", local_model=cfg.model)
-    score_cfg = ScoreConfig(run=out, n_examples=6, local_model=cfg.model)
-    local = functools.cache(lambda: _local_labeler(frozen))
+    label_cfg = LabelConfig(run=out, sample=cfg.label_sample, top=cfg.label_top, backend="local", local_model=labeller)
+    score_cfg = ScoreConfig(run=out, labels="local", n_examples=cfg.score_examples, n_calibration=3,
+                            scorers="detection,embedding", local_model=labeller, batch_size=16)
+    local = functools.cache(lambda: _local_labeler(frozen if labeller == cfg.model else labeller))
 
     def labels() -> None:
         from interpret.labels import run_label
@@ -293,9 +317,38 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
     stages.done(t, run.eval.root, reused)
 
     stages.console.print(f"[bold]HTML dashboard: {run.explain_html}")
+    _say_what_was_shortened(cfg, stages.console)
 
 
-def _local_labeler(frozen):
+def _say_what_was_shortened(cfg: DemoConfig, console: Console) -> None:
+    """The demo's sizes buy a 10-minute run; the full-size commands of the published figures are in `faithlens
+    reproduce`."""
+    from interpret.score_stats import chance_rate
+
+    chance = chance_rate(cfg.score_examples, cfg.score_examples)
+    out = cfg.out
+    console.print(
+        "Shortened for a 10-minute run (full size: `faithlens reproduce --list`):\n"
+        f"  · labels: {cfg.label_sample} sampled + {cfg.label_top} top features, detection scored on {cfg.score_examples} + "
+        f"{cfg.score_examples} held-out contexts (a label with no signal passes with probability {chance:.1%}); full: "
+        f"`faithlens features label {out} --sample 200 --top 50 && faithlens features score {out}` (11 + 11, {chance_rate(11, 11):.1%})\n"
+        f"  · PPO: {cfg.ppo_steps:,} steps in one phase; full: `faithlens ppo --decoder {out}/distill --steps 20480 "
+        "--anchor-kl 10 --attribution-share 30 --entropy-reward 1 --lr 1e-4 --train-batch 4096`\n"
+        f"  · SAE and decoder on {cfg.cache_tokens:,} cached tokens of generated text; full: `faithlens reproduce` on WikiText-2, "
+        "Gutenberg and State of the Union (2M SAE tokens)", markup=False, soft_wrap=True)
+
+
+def resolve_labeller(labeller: str, model: str) -> str:
+    """`auto`: the capable 1.5B labeller when its wheels are installed, else the frozen model (loaded once)."""
+    if labeller != "auto":
+        return labeller
+    from models.loading import embedded_installed
+
+    capable = "qwen2.5-coder-1.5b-instruct"
+    return f"embedded:{capable}" if embedded_installed(capable) else model
+
+
+def _local_labeler(model):
     from interpret.labelers import LocalLabeler
 
-    return LocalLabeler(frozen)  # the frozen model is the default labeller: load it once
+    return LocalLabeler(model, batch_size=16)

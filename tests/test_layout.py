@@ -113,7 +113,7 @@ def _demo(model: Path, out: Path, sae_k: int) -> None:
     assert main(["demo", "--model", str(model), "--layer", "2", "--out", str(out), "--data", "builtin:tasks:arithmetic+comparison",
                  "--cache-tokens", "3000", "--baseline-tokens", "256", "--sae-latents", "64", "--sae-k", str(sae_k),
                  "--sae-eval-tokens", "256", "--decoder-arch", "readout", "--ppo-steps", "512", "--label-top", "2", "--label-sample", "2",
-                 "--eval-tokens", "256", "--task-examples", "1"]) == 0
+                 "--eval-tokens", "256", "--task-examples", "1", "--distill-tokens", "2048", "--labeller", str(model)]) == 0
 
 
 def _outcomes(printed: str) -> list[str]:
