@@ -30,7 +30,7 @@ _INSTRUCTIONS = ("Write a short story about {}.", "Explain {} to a ten-year-old.
 _OPENINGS = ("The most surprising thing about {} is", "In this article we look at {}.",
              "Here is what I learned about {}:", "Chapter 1.", "Dear friend, I write to tell you about {}.")
 
-GENERATION = {"max_new_tokens": 160, "temperature": 0.9, "top_p": 0.95, "batch_size": 16}
+GENERATION = {"max_new_tokens": 160, "temperature": 0.9, "top_p": 0.95, "batch_size": 32}
 
 
 def _prompt(frozen: FrozenLM, i: int) -> str:

@@ -58,7 +58,7 @@ class DemoConfig:
     cache_tokens: int = 32_768
     """Training tokens in the activation/teacher cache (SAE and decoder train on them)."""
 
-    baseline_tokens: int = 4_096
+    baseline_tokens: int = 2_048
     """Held-out tokens for the layer baselines."""
 
     sae_latents: int = 5760
@@ -80,7 +80,7 @@ class DemoConfig:
     """context: blocks of the decoder, copied from the frozen model's blocks above the layer (0: all of them, the
     SAE-spliced model, whose KL is the SAE's spliced KL before distillation)."""
 
-    distill_tokens: int = 8_192
+    distill_tokens: int = 6_144
     """Distillation tokens (at lr 1e-4: the copied blocks start near the frozen model and need little)."""
 
     ppo_steps: int = 1_024
@@ -90,20 +90,20 @@ class DemoConfig:
     """Labeller and simulator: auto (embedded:qwen2.5-coder-1.5b-instruct when `make labeller` installed it, else the
     frozen model; the 1.5B model makes the label stage several times slower) or any model spec."""
 
-    label_top: int = 10
+    label_top: int = 8
     """Most important features labelled by the local model and scored."""
 
     score_examples: int = 5
     """Held-out contexts per class per label in the demo's scoring (`features score` uses 11: see the chance rate)."""
 
-    label_sample: int = 20
+    label_sample: int = 16
     """Live features in the stratified random sample labelled by the local model and scored: the eval table's
     coverage is estimated on it (a real estimate needs `features label --sample 200` or more)."""
 
     eval_tokens: int = 2_048
     """Held-out tokens per corpus for the eval table."""
 
-    task_examples: int = 5
+    task_examples: int = 4
     """Examples per task suite in the eval table."""
 
     explain: str = "What is 17 + 3?"
@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig) -> None:
                 distill_cfg, distill, layout.distill.decoder)
 
     ppo_cfg = PpoConfig(decoder=layout.distill.root, out=layout.ppo.root, cache=str(cache.root), steps=cfg.ppo_steps,
-                        train_batch=512, minibatch_size=128, lr=1e-4, eval_every=1, eval_tokens=1024, task_examples=4, anchor_kl="10",
+                        train_batch=512, minibatch_size=128, lr=1e-4, eval_every=2, eval_tokens=1024, task_examples=4, anchor_kl="10",
                         entropy_reward=1.0)
 
     def ppo() -> None:
@@ -250,7 +250,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
     components = functools.cache(lambda: load_components(run, frozen=frozen))  # only when a stage here runs
 
     importance_cfg = ImportanceConfig(run=out, model=cfg.model, data=cfg.data, tokens=2048, seq_len=128,
-                                      spliced_tokens=512, validate_top=20, validate_sequences=4, share_targets=64)
+                                      spliced_tokens=512, validate_top=10, validate_sequences=4, share_targets=64)
 
     def importance() -> None:
         from interpret.importance import compute_importance
