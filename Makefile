@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install labeller clean
+.PHONY: demo test reproduce install labeller clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the Results page's runs at full size (~6 h on the 2-core machine), resumable; `faithlens reproduce --list` for the plan
+reproduce: $(STAMP)
+	$(BIN)/faithlens reproduce
 
 clean:
 	rm -rf $(VENV) runs

@@ -61,6 +61,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "The success-metrics table of a run (targets, measured values, baselines) with JSON, markdown and PNG plots."),
     "demo": ("interpret.demo", "interpret.demo:DemoConfig", "run_demo",
              "The end-to-end demo on embedded defaults."),
+    "reproduce": ("reproduce.run", "reproduce.run:ReproduceConfig", "run_reproduce",
+                  "The Results page's runs at full size, stage by stage, resumable (--list: the plan and expected times)."),
 }
 
 

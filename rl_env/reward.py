@@ -1,4 +1,4 @@
-"""The multi-objective reward and its phase schedules (README.md, "Reinforcement learning (PPO in RLlib)").
+"""The multi-objective reward and its phase schedules (docs/cli.md, "Reinforcement learning (PPO in RLlib)").
 
 reward = α·r_faith + β·r_mono + γ·r_task, for a batch of sub-environment steps at once:
 - r_faith = log p_frozen(a) (nats). With an entropy bonus of α its expectation is −α·KL(π ‖ p_frozen).

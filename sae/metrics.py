@@ -1,4 +1,4 @@
-"""SAE quality metrics on held-out tokens (definitions in README.md, "Metric definitions"), and `faithlens sae eval`.
+"""SAE quality metrics on held-out tokens (definitions in docs/concepts.md, "Metric definitions"), and `faithlens sae eval`.
 
 BOS positions are excluded everywhere: they are an attention sink whose residual the SAE does
 not model, and splicing leaves them untouched.

@@ -32,7 +32,7 @@ def test_every_command_has_help_from_its_config(command, capsys):
     without_model = {"sae export-saelens": "SAELens", "compare": "held-out score", "sweep": "YAML",
                      "ppo export": "plain decoder checkpoint", "features label": "--local-model",
                      "features score": "--simulator", "features review": "--reviewer", "features cluster": "--threshold",
-                     "features explainer": "--names"}
+                     "features explainer": "--names", "reproduce": "--plan"}
     if command in without_model:
         assert without_model[command] in out
     else:
