@@ -1,4 +1,5 @@
-"""Sparse autoencoders over a residual stream: ReLU + L1, TopK and BatchTopK behind one interface.
+"""Sparse autoencoders over a residual stream: ReLU + L1, TopK, BatchTopK, JumpReLU and Matryoshka
+BatchTopK behind one interface.
 
 Sparse latents travel as fixed-width (values, indices) pairs, so their cost does not grow with
 the SAE width. For TopK-style SAEs the encoder's backward pass and the decoder run sparse (only
@@ -8,6 +9,7 @@ the selected latents' rows of the weights receive gradients), which is what make
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from models.errors import ConfigError
 from models.io import atomic_path, load_safetensors, read_json
-from sae.config import SaeConfig
+from sae.config import BATCH_THRESHOLD_ARCHS, SaeConfig
 
 _CHUNK = 256  # tokens per chunk when gathering decoder rows in backward passes
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -50,6 +52,10 @@ class ForwardOutput(NamedTuple):
     """Σ‖e − ê‖² / Σ‖e − ē‖² for the residual e = x − x̂ rebuilt from dead latents (0 when unused)."""
     l0: Tensor
     """Mean number of non-zero latents per token."""
+    l0_penalty: Tensor | None = None
+    """jumprelu: L0 with the threshold's straight-through gradient (the training penalty)."""
+    prefix_fvu: Tensor | None = None
+    """matryoshka: FVU of each nested dictionary's reconstruction (only its latents, + b_dec), smallest first."""
 
 
 def _csr_t_matmul(indices_NK: Tensor, values_NK: Tensor, dense_ND: Tensor, n_rows: int) -> Tensor:
@@ -134,12 +140,59 @@ class _SparseDecode(torch.autograd.Function):
         return grad_acts, None, grad_W
 
 
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ); ∂/∂pre = H(pre − θ), and the pseudo-derivative ∂/∂θ = −(θ/ε)·K((pre − θ)/ε) with the
+    rectangle kernel K (Rajamanoharan et al. 2024, "Jumping Ahead")."""
+
+    @staticmethod
+    def forward(ctx, pre_NF, theta_F, bandwidth):
+        ctx.save_for_backward(pre_NF, theta_F)
+        ctx.bandwidth = bandwidth
+        return pre_NF * (pre_NF > theta_F)
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad_NF * (pre > theta)
+        grad_theta = -(theta / eps) * (grad_NF * _rectangle((pre - theta) / eps)).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ) for the L0 penalty: no gradient to pre, ∂/∂θ = −(1/ε)·K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre_NF, theta_F, bandwidth):
+        ctx.save_for_backward(pre_NF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (pre_NF > theta_F).to(pre_NF.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_NF):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1 / eps) * (grad_NF * _rectangle((pre - theta) / eps)).sum(0)
+        return None, grad_theta, None
+
+
 class SparseAutoencoder(nn.Module):
-    """x̂ = Σ_i f_i(x) d_i + b_dec, with f from relu / topk / batchtopk encoders.
+    """x̂ = Σ_i f_i(x) d_i + b_dec, with f from relu / topk / batchtopk / jumprelu / matryoshka encoders.
 
     Inputs are the raw residual stream: the training-time normalisation (E‖x‖² = d_in) is
     folded into the weights when the SAE is saved.
+
+    Thresholds: batchtopk and matryoshka hold one scalar `threshold` buffer (saved as `threshold`, shape []);
+    jumprelu holds one per latent, trained as `log_threshold` and saved as `threshold` (shape [num_latents],
+    = exp(log_threshold)), with acts = pre · (pre > threshold).
     """
+
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu training: ε of the threshold's straight-through gradient (set by the trainer)."""
 
     def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu"):
         super().__init__()
@@ -149,8 +202,11 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, device=device))
         self.W_dec = nn.Parameter(torch.zeros(n, d, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device))
-        # BatchTopK at inference: latents fire above this activation (set from training batches).
-        self.register_buffer("threshold", torch.zeros((), device=device))
+        if cfg.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.zeros(n, device=device))
+        else:
+            # BatchTopK at inference: latents fire above this activation (set from training batches).
+            self.register_buffer("threshold", torch.zeros((), device=device))
         self.encoder_dtype = torch.float32
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -161,21 +217,39 @@ class SparseAutoencoder(nn.Module):
             self.W_enc.copy_(self.W_dec * (0.1 if self.cfg.arch == "relu" else 1.0))
             self.b_enc.zero_()
             self.b_dec.zero_()
+            if self.cfg.arch == "jumprelu":
+                self.log_threshold.fill_(math.log(0.5))
+
+    def latent_thresholds(self) -> Tensor:
+        """Every latent's inference threshold, shape [num_latents] (zeros for relu and topk)."""
+        if self.cfg.arch == "jumprelu":
+            return self.log_threshold.detach().exp()
+        value = self.threshold.detach() if self.cfg.arch in BATCH_THRESHOLD_ARCHS else 0.0
+        return torch.zeros(self.cfg.num_latents, device=self.W_enc.device) + value
+
+    def _encoder_input(self, x_ND: Tensor) -> Tensor:
+        x = x_ND.float()
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     # -- encode / decode -------------------------------------------------------------------
     def encode(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         """Sparse latents of a batch: `sparse_width` (value, index) slots per token."""
         cfg = self.cfg
-        x_in = x_ND.float() - self.b_dec
-        if cfg.arch == "relu":
-            acts_NF = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
+        x_in = self._encoder_input(x_ND)
+        if cfg.arch in ("relu", "jumprelu"):
+            pre_NF = F.linear(x_in, self.W_enc, self.b_enc)
+            if cfg.arch == "relu":
+                acts_NF = F.relu(pre_NF)
+            else:
+                acts_NF = pre_NF * (pre_NF > self.log_threshold.exp())
             vals, idx = acts_NF.topk(cfg.sparse_width, dim=-1, sorted=False)
             return EncoderOutput(vals, idx)
+        batch_threshold = cfg.arch in BATCH_THRESHOLD_ARCHS
         width = cfg.k if cfg.arch == "topk" else cfg.sparse_width
         # BatchTopK needs its slots sorted so that the active ones form a prefix
         vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
-            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, cfg.arch == "batchtopk")
-        if cfg.arch == "batchtopk":
+            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, batch_threshold)
+        if batch_threshold:
             vals = vals * self._batchtopk_mask(vals)
             # slots are sorted, so active ones are a prefix: drop the columns no token uses
             width = max(1, int((vals > 0).sum(-1).max()))
@@ -200,10 +274,20 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> ForwardOutput:
         x = x_ND.float()
-        if self.cfg.arch == "relu":
+        l0_penalty = prefix_fvu = None
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if self.cfg.arch in ("relu", "jumprelu"):
             # Dense by nature: with encoder_dtype bf16 every matmul runs in bf16 (weights stay fp32).
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.encoder_dtype == torch.bfloat16):
-                acts_NF = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
+            bf16 = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.encoder_dtype == torch.bfloat16)
+            with bf16:
+                pre_NF = F.linear(self._encoder_input(x), self.W_enc, self.b_enc)
+            if self.cfg.arch == "relu":
+                acts_NF = F.relu(pre_NF.float())
+            else:
+                theta_F = self.log_threshold.exp()
+                acts_NF = _JumpReLU.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth)
+                l0_penalty = _Step.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth).sum(-1).mean()
+            with bf16:
                 sae_out = F.linear(acts_NF, self.W_dec.t()) + self.b_dec
             acts_NF, sae_out = acts_NF.float(), sae_out.float()
             l1 = acts_NF.sum(-1).mean()
@@ -217,11 +301,21 @@ class SparseAutoencoder(nn.Module):
             l1 = vals.sum(-1).mean()
             l0 = (vals > 0).float().sum(-1).mean()
             auxk = self._auxk_loss(x, sae_out, enc)
+            if self.cfg.arch == "matryoshka":
+                prefix_fvu = self._prefix_fvu(x, vals, idx, total_var)
         residual = x - sae_out
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = residual.pow(2).sum() / total_var.clamp_min(1e-12)
+        fvu = residual.pow(2).sum() / total_var
         mse = residual.pow(2).mean()
-        return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0)
+        return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0, l0_penalty, prefix_fvu)
+
+    def _prefix_fvu(self, x: Tensor, vals_NK: Tensor, idx_NK: Tensor, total_var: Tensor) -> Tensor:
+        """FVU of each nested dictionary: x rebuilt from the latents with id < its size only (+ b_dec)."""
+        fvus = []
+        for size in self.cfg.prefix_sizes:
+            in_prefix = (idx_NK < size).to(vals_NK.dtype)
+            x_hat = self.decode(vals_NK * in_prefix, idx_NK)
+            fvus.append((x - x_hat).pow(2).sum() / total_var)
+        return torch.stack(fvus)
 
     def _auxk_loss(self, x: Tensor, sae_out: Tensor, enc: EncoderOutput) -> Tensor:
         if enc.aux_acts_NA is None:
@@ -254,7 +348,9 @@ class SparseAutoencoder(nn.Module):
             "b_enc": self.b_enc.detach().contiguous().cpu(),
             "W_dec": (self.W_dec.detach() / s).contiguous().cpu(),
             "b_dec": (self.b_dec.detach() / s).contiguous().cpu(),
-            "threshold": self.threshold.detach().reshape(()).contiguous().cpu(),
+            # pre-activations do not change when the scale is folded in, so neither do thresholds
+            "threshold": (self.latent_thresholds() if self.cfg.arch == "jumprelu"
+                          else self.threshold.detach().reshape(())).contiguous().cpu(),
         }
         meta = {**asdict(self.cfg), **(extra or {}), "input_scale_folded": s}
         with atomic_path(Path(directory)) as tmp:
@@ -277,6 +373,15 @@ class SparseAutoencoder(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"{directory / 'cfg.json'}: {e}") from None
         state = load_safetensors(directory / "sae.safetensors", device=str(device))
+        if sae.cfg.arch == "jumprelu":
+            threshold = state.pop("threshold", None)
+            if threshold is None or threshold.shape != (sae.cfg.num_latents,):
+                got = "none" if threshold is None else list(threshold.shape)
+                raise ConfigError(f"{directory / 'sae.safetensors'}: a jumprelu SAE needs threshold of shape "
+                                  f"[{sae.cfg.num_latents}], got {got}")
+            # acts = pre · (pre > threshold) with a threshold below 0 would pass negative pre-activations;
+            # SAELens applies a ReLU first, which is a threshold of 0
+            state["log_threshold"] = threshold.float().clamp_min(0).log()
         try:
             sae.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shapes that disagree with cfg.json
