@@ -102,7 +102,7 @@ class SaeTrainConfig(TrainConfig, CorpusConfig, ModelConfig):
     """Number of latents."""
 
     k: int = 64
-    """Active latents per token for topk / batchtopk / matryoshka."""
+    """Active latents per token for topk / batchtopk / matryoshka; jumprelu: the L0 training starts at."""
 
     prefixes: str = ""
     """matryoshka: nested dictionary sizes, comma-separated, increasing, the last = --latents
@@ -139,8 +139,9 @@ class SaeTrainConfig(TrainConfig, CorpusConfig, ModelConfig):
     """jumprelu: width ε of the rectangle kernel of the threshold's straight-through gradient (in units of the
     pre-activations of inputs normalised to E‖x‖² = d_in)."""
 
-    jumprelu_init_threshold: float = 0.5
-    """jumprelu: initial threshold of every latent."""
+    jumprelu_init_threshold: float = 0.0
+    """jumprelu: initial threshold of every latent; 0 = each latent's (1 − k/latents) quantile of its
+    pre-activations on a sample, so that training starts at L0 ≈ --k."""
 
     resample_every: int = 250
     """relu: resample dead latents every N steps (0 = never)."""
@@ -174,8 +175,8 @@ class SaeTrainConfig(TrainConfig, CorpusConfig, ModelConfig):
         self.sae_config(d_in=1)
         parse_phases(self.l1_schedule, "--l1-schedule", L1_NAMES)
         parse_phases(self.l0_schedule, "--l0-schedule", L1_NAMES)
-        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
-            raise ConfigError("--jumprelu-bandwidth and --jumprelu-init-threshold: expected positive numbers, got "
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold < 0:
+            raise ConfigError("--jumprelu-bandwidth, --jumprelu-init-threshold: expected > 0 and >= 0, got "
                               f"{self.jumprelu_bandwidth} and {self.jumprelu_init_threshold}")
         if self.batch_tokens % self.workers:
             raise ConfigError(f"--batch-tokens {self.batch_tokens} must divide evenly over --workers {self.workers}")

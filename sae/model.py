@@ -164,7 +164,11 @@ class _JumpReLU(torch.autograd.Function):
 
 
 class _Step(torch.autograd.Function):
-    """H(pre − θ) for the L0 penalty: no gradient to pre, ∂/∂θ = −(1/ε)·K((pre − θ)/ε)."""
+    """H(pre − θ) for the L0 penalty, with pseudo-derivatives ∂/∂θ = −(1/ε)·K((pre − θ)/ε) and ∂/∂pre = −∂/∂θ.
+
+    Gemma Scope uses the θ one only; we also send it to pre, so that the encoder (not only the thresholds, which
+    Adam moves by about lr in log space per step) answers the L0 coefficient within a run of ~1,000 steps.
+    """
 
     @staticmethod
     def forward(ctx, pre_NF, theta_F, bandwidth):
@@ -176,8 +180,8 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad_NF):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = -(1 / eps) * (grad_NF * _rectangle((pre - theta) / eps)).sum(0)
-        return None, grad_theta, None
+        kernel_NF = grad_NF * _rectangle((pre - theta) / eps) / eps
+        return kernel_NF if ctx.needs_input_grad[0] else None, -kernel_NF.sum(0), None
 
 
 class SparseAutoencoder(nn.Module):
@@ -308,14 +312,25 @@ class SparseAutoencoder(nn.Module):
         mse = residual.pow(2).mean()
         return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0, l0_penalty, prefix_fvu)
 
-    def _prefix_fvu(self, x: Tensor, vals_NK: Tensor, idx_NK: Tensor, total_var: Tensor) -> Tensor:
-        """FVU of each nested dictionary: x rebuilt from the latents with id < its size only (+ b_dec)."""
-        fvus = []
-        for size in self.cfg.prefix_sizes:
-            in_prefix = (idx_NK < size).to(vals_NK.dtype)
-            x_hat = self.decode(vals_NK * in_prefix, idx_NK)
-            fvus.append((x - x_hat).pow(2).sum() / total_var)
-        return torch.stack(fvus)
+    def _prefix_fvu(self, x_ND: Tensor, vals_NK: Tensor, idx_NK: Tensor, total_var: Tensor) -> Tensor:
+        """FVU of each nested dictionary: x rebuilt from the latents with id < its size only (+ b_dec).
+
+        One embedding_bag over the active slots, bagged by (token, group), gives each group's contribution;
+        their running sum over groups is the prefixes' reconstructions (one decode's work, not one per prefix).
+        """
+        sizes = torch.tensor(self.cfg.prefix_sizes, device=idx_NK.device)
+        n, groups = x_ND.shape[0], len(sizes)
+        active = vals_NK > 0
+        token = torch.arange(n, device=idx_NK.device)[:, None].expand_as(idx_NK)[active]
+        latent = idx_NK[active]
+        bag = token * groups + torch.bucketize(latent, sizes, right=True)  # group g: sizes[g-1] <= id < sizes[g]
+        order = bag.argsort()
+        offsets = torch.bincount(bag, minlength=n * groups).cumsum(0).roll(1)
+        offsets[0] = 0
+        contrib_NGD = F.embedding_bag(latent[order], self.W_dec, offsets, mode="sum",
+                                      per_sample_weights=vals_NK[active][order]).view(n, groups, -1)
+        x_hat_NGD = contrib_NGD.cumsum(1) + self.b_dec
+        return (x_ND[:, None] - x_hat_NGD).pow(2).sum((0, 2)) / total_var
 
     def _auxk_loss(self, x: Tensor, sae_out: Tensor, enc: EncoderOutput) -> Tensor:
         if enc.aux_acts_NA is None:
