@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -23,9 +22,7 @@ from torch import Tensor, nn
 from models.errors import ConfigError
 from models.io import atomic_path, load_safetensors, read_json
 from sae.config import BATCH_THRESHOLD_ARCHS, SaeConfig
-
-_CHUNK = 256  # tokens per chunk when gathering decoder rows in backward passes
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+from sae.kernels import JumpReLU, JumpStep, SparseDecode, SparseEncode
 
 
 class EncoderOutput(NamedTuple):
@@ -56,132 +53,6 @@ class ForwardOutput(NamedTuple):
     """jumprelu: L0 with the threshold's straight-through gradient (the training penalty)."""
     prefix_fvu: Tensor | None = None
     """matryoshka: FVU of each nested dictionary's reconstruction (only its latents, + b_dec), smallest first."""
-
-
-def _csr_t_matmul(indices_NK: Tensor, values_NK: Tensor, dense_ND: Tensor, n_rows: int) -> Tensor:
-    """Σ_n Σ_j values[n, j] · dense[n] into row indices[n, j] of an [n_rows, D] result (zeros skipped)."""
-    n = indices_NK.shape[0]
-    nonzero = values_NK != 0
-    counts = nonzero.sum(-1)
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=indices_NK.device)
-    crow[1:] = counts.cumsum(0)
-    g = torch.sparse_csr_tensor(crow, indices_NK[nonzero], values_NK[nonzero].to(dense_ND.dtype), (n, n_rows),
-                                check_invariants=False)
-    return g.t() @ dense_ND
-
-
-def _gather_dot(weight_FD: Tensor, indices_NK: Tensor, grad_ND: Tensor) -> Tensor:
-    """out[n, j] = weight[indices[n, j]] · grad[n], in chunks to bound memory."""
-    out = torch.empty(indices_NK.shape, dtype=grad_ND.dtype, device=grad_ND.device)
-    for s in range(0, indices_NK.shape[0], _CHUNK):
-        rows = F.embedding(indices_NK[s : s + _CHUNK], weight_FD)  # [c, K, D]; index_select, faster than [] here
-        out[s : s + _CHUNK] = torch.bmm(rows, grad_ND[s : s + _CHUNK, :, None]).squeeze(-1)
-    return out
-
-
-class _SparseEncode(torch.autograd.Function):
-    """relu(x Wᵀ + b) restricted to the top `width` latents per token (+ the AuxK dead latents).
-
-    Forward does one dense matmul (optionally in bf16, for selection speed); backward only
-    touches the selected latents.
-    """
-
-    @staticmethod
-    def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux, sort):
-        pre_NF = F.linear(x_ND.to(compute_dtype), W_FD.to(compute_dtype)).float() + b_F
-        acts, idx = pre_NF.topk(width, dim=-1, sorted=sort)
-        acts = acts.relu()
-        aux_acts = aux_idx = None
-        if dead_mask_F is not None and k_aux > 0 and bool(dead_mask_F.any()):
-            # AuxK ranks the dead latents only (as in Gao et al. and sparsify): a gather of their
-            # columns, not a second pass over all latents.
-            dead_idx = dead_mask_F.nonzero().squeeze(1)
-            aux_acts, j = pre_NF[:, dead_idx].topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False)
-            aux_idx = dead_idx[j]
-            aux_acts = aux_acts.relu()
-        ctx.save_for_backward(x_ND, W_FD, idx, acts, aux_idx, aux_acts)
-        ctx.mark_non_differentiable(idx)
-        if aux_idx is not None:
-            ctx.mark_non_differentiable(aux_idx)
-        return acts, idx, aux_acts, aux_idx
-
-    @staticmethod
-    def backward(ctx, grad_acts, grad_idx, grad_aux, grad_aux_idx):
-        x, W, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
-        grads, ids = [grad_acts * (acts > 0)], [idx]
-        if aux_idx is not None and grad_aux is not None:
-            grads.append(grad_aux * (aux_acts > 0))
-            ids.append(aux_idx)
-        g = torch.cat(grads, dim=1)
-        i = torch.cat(ids, dim=1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(i, W, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = _csr_t_matmul(i, g, x.float(), W.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, i.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """Σ_j acts[n, j] · W[indices[n, j]] with a sparse backward."""
-
-    @staticmethod
-    def forward(ctx, acts_NK, indices_NK, W_FD):
-        ctx.save_for_backward(acts_NK, indices_NK, W_FD)
-        return F.embedding_bag(indices_NK, W_FD, per_sample_weights=acts_NK, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        acts, idx, W = ctx.saved_tensors
-        grad_acts = _gather_dot(W, idx, grad_ND) if ctx.needs_input_grad[0] else None
-        grad_W = _csr_t_matmul(idx, acts, grad_ND, W.shape[0]) if ctx.needs_input_grad[2] else None
-        return grad_acts, None, grad_W
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre · H(pre − θ); ∂/∂pre = H(pre − θ), and the pseudo-derivative ∂/∂θ = −(θ/ε)·K((pre − θ)/ε) with the
-    rectangle kernel K (Rajamanoharan et al. 2024, "Jumping Ahead")."""
-
-    @staticmethod
-    def forward(ctx, pre_NF, theta_F, bandwidth):
-        ctx.save_for_backward(pre_NF, theta_F)
-        ctx.bandwidth = bandwidth
-        return pre_NF * (pre_NF > theta_F)
-
-    @staticmethod
-    def backward(ctx, grad_NF):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad_NF * (pre > theta)
-        grad_theta = -(theta / eps) * (grad_NF * _rectangle((pre - theta) / eps)).sum(0)
-        return grad_pre, grad_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre − θ) for the L0 penalty, with pseudo-derivatives ∂/∂θ = −(1/ε)·K((pre − θ)/ε) and ∂/∂pre = −∂/∂θ.
-
-    Gemma Scope uses the θ one only; we also send it to pre, so that the encoder (not only the thresholds, which
-    Adam moves by about lr in log space per step) answers the L0 coefficient within a run of ~1,000 steps.
-    """
-
-    @staticmethod
-    def forward(ctx, pre_NF, theta_F, bandwidth):
-        ctx.save_for_backward(pre_NF, theta_F)
-        ctx.bandwidth = bandwidth
-        return (pre_NF > theta_F).to(pre_NF.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_NF):
-        pre, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        kernel_NF = grad_NF * _rectangle((pre - theta) / eps) / eps
-        return kernel_NF if ctx.needs_input_grad[0] else None, -kernel_NF.sum(0), None
 
 
 class SparseAutoencoder(nn.Module):
@@ -251,7 +122,7 @@ class SparseAutoencoder(nn.Module):
         batch_threshold = cfg.arch in BATCH_THRESHOLD_ARCHS
         width = cfg.k if cfg.arch == "topk" else cfg.sparse_width
         # BatchTopK needs its slots sorted so that the active ones form a prefix
-        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
+        vals, idx, aux_vals, aux_idx = SparseEncode.apply(
             x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, batch_threshold)
         if batch_threshold:
             vals = vals * self._batchtopk_mask(vals)
@@ -269,7 +140,7 @@ class SparseAutoencoder(nn.Module):
         return (vals_NK >= kth).to(vals_NK.dtype) * (vals_NK > 0)
 
     def decode(self, acts_NK: Tensor, indices_NK: Tensor) -> Tensor:
-        return _SparseDecode.apply(acts_NK, indices_NK, self.W_dec) + self.b_dec
+        return SparseDecode.apply(acts_NK, indices_NK, self.W_dec) + self.b_dec
 
     def encode_dense(self, x_ND: Tensor) -> Tensor:
         """All latents as a dense [N, num_latents] tensor (for analysis, not training)."""
@@ -289,8 +160,8 @@ class SparseAutoencoder(nn.Module):
                 acts_NF = F.relu(pre_NF.float())
             else:
                 theta_F = self.log_threshold.exp()
-                acts_NF = _JumpReLU.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth)
-                l0_penalty = _Step.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth).sum(-1).mean()
+                acts_NF = JumpReLU.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth)
+                l0_penalty = JumpStep.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth).sum(-1).mean()
             with bf16:
                 sae_out = F.linear(acts_NF, self.W_dec.t()) + self.b_dec
             acts_NF, sae_out = acts_NF.float(), sae_out.float()
@@ -336,7 +207,7 @@ class SparseAutoencoder(nn.Module):
         if enc.aux_acts_NA is None:
             return sae_out.new_zeros(())
         e = (x - sae_out).detach()
-        e_hat = _SparseDecode.apply(enc.aux_acts_NA, enc.aux_indices_NA, self.W_dec)
+        e_hat = SparseDecode.apply(enc.aux_acts_NA, enc.aux_indices_NA, self.W_dec)
         return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
     # -- constraints -----------------------------------------------------------------------
