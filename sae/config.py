@@ -129,7 +129,7 @@ class SaeTrainConfig(TrainConfig, CorpusConfig, ModelConfig):
     l1_warmup_frac: float = 0.05
     """relu: fraction of steps over which the L1 coefficient ramps up from 0."""
 
-    l0_schedule: str = "1:0.002"
+    l0_schedule: str = "1:0.0003"
     """jumprelu: L0 coefficient phases as RATIO:VALUE (ratios of the run's length); loss = FVU + coefficient · L0."""
 
     l0_warmup_frac: float = 0.1
