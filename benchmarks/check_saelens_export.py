@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 D_IN, LATENTS, K = 64, 512, 16
 N_TOKENS, N_LOUD = 256, 16
-THRESHOLD = 2.0  # batchtopk; with unit-scale pre-activations ~12 of 512 latents fire per quiet token
+THRESHOLD = 2.0  # batchtopk, matryoshka, jumprelu (±20% per latent); ~12 of 512 latents fire per quiet token
 
 # Runs inside the sae-lens venv: argv = folder, then one sub-folder per architecture.
 _CHILD = '''
@@ -89,7 +89,10 @@ def random_sae(arch: str, g: torch.Generator) -> SparseAutoencoder:
         sae.W_dec.copy_(torch.randn(LATENTS, D_IN, generator=g) / D_IN**0.5)
         sae.b_enc.copy_(0.1 * torch.randn(LATENTS, generator=g) - (THRESHOLD if arch == "relu" else 0.0))
         sae.b_dec.copy_(0.1 * torch.randn(D_IN, generator=g))
-        sae.threshold.fill_(THRESHOLD)
+        if arch == "jumprelu":  # one threshold per latent, around THRESHOLD
+            sae.log_threshold.copy_((THRESHOLD * (0.8 + 0.4 * torch.rand(LATENTS, generator=g))).log())
+        else:
+            sae.threshold.fill_(THRESHOLD)
     sae.meta = {"layer": 3, "model": "check-saelens-export"}
     return sae.eval()
 

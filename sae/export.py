@@ -5,14 +5,17 @@ architecture's `SAEConfig`, with `metadata` and `architecture`) and `sae_weights
 W_enc [d_in, d_sae] (ours transposed), b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus
 threshold [d_sae] for jumprelu only (SAELens loads the state dict strictly).
 
-| ours      | SAELens  | SAELens encode                            | equal to ours                          |
-|-----------|----------|-------------------------------------------|----------------------------------------|
-| relu      | standard | relu(pre)                                 | `forward` always; `encode` within width |
-| topk      | topk (k) | top k of pre, then relu                   | always                                 |
-| batchtopk | jumprelu | relu(pre) · (pre > threshold), per latent | `encode` within width                  |
+| ours       | SAELens  | SAELens encode                            | equal to ours                          |
+|------------|----------|-------------------------------------------|----------------------------------------|
+| relu       | standard | relu(pre)                                 | `forward` always; `encode` within width |
+| topk       | topk (k) | top k of pre, then relu                   | always                                 |
+| batchtopk  | jumprelu | relu(pre) · (pre > threshold), per latent | `encode` within width                  |
+| matryoshka | jumprelu | relu(pre) · (pre > threshold), per latent | `encode` within width                  |
+| jumprelu   | jumprelu | relu(pre) · (pre > threshold), per latent | `encode` within width                  |
 
-with pre = (x − b_dec) W_enc + b_enc. batchtopk becomes jumprelu with every latent's threshold set
-to our scalar one, as SAELens itself does when it saves a BatchTopK SAE for inference. "Within
+with pre = (x − b_dec) W_enc + b_enc. batchtopk and matryoshka become jumprelu with every latent's
+threshold set to our scalar one, as SAELens itself does when it saves a BatchTopK SAE for inference
+(a Matryoshka SAE's nesting only shapes training); jumprelu keeps its per-latent thresholds. "Within
 width": our `encode` first keeps only the top `sparse_width` latents of each token (4k by default)
 and applies the activation to those, so on a token where more than `sparse_width` latents would
 fire it drops the weakest and SAELens does not. `within_width` marks the tokens where the two
@@ -38,7 +41,8 @@ from training.layout import resolve_sae_dir
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
+                "jumprelu": "jumprelu"}
 # Recorded as metadata.sae_lens_version: configs from 6.0 on skip SAELens's pre-6 key renaming.
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -72,7 +76,7 @@ def saelens_cfg(sae: SparseAutoencoder, hook_name: str | None = None) -> dict:
         "d_sae": sae.cfg.num_latents,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,  # our encode subtracts b_dec first
+        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",  # the training-time input scale is folded into the weights
         "reshape_activations": "none",
         "metadata": {
@@ -101,8 +105,8 @@ def saelens_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
         "W_dec": sae.W_dec.detach(),
         "b_dec": sae.b_dec.detach(),
     }
-    if sae.cfg.arch == "batchtopk":
-        tensors["threshold"] = torch.full((sae.cfg.num_latents,), float(sae.threshold))
+    if SAELENS_ARCH[sae.cfg.arch] == "jumprelu":
+        tensors["threshold"] = sae.latent_thresholds()
     return {name: t.float().cpu().contiguous() for name, t in tensors.items()}
 
 
@@ -114,17 +118,16 @@ def within_width(sae: SparseAutoencoder, x_ND: Tensor) -> Tensor:
     """
     if sae.cfg.arch == "topk":
         return torch.ones(x_ND.shape[0], dtype=torch.bool, device=x_ND.device)
-    pre_NF = torch.nn.functional.linear(x_ND.float() - sae.b_dec, sae.W_enc, sae.b_enc)
-    floor = max(float(sae.threshold), 0.0) if sae.cfg.arch == "batchtopk" else 0.0
-    return (pre_NF > floor).sum(-1) <= sae.cfg.sparse_width
+    pre_NF = torch.nn.functional.linear(sae._encoder_input(x_ND), sae.W_enc, sae.b_enc)
+    return (pre_NF > sae.latent_thresholds().clamp_min(0.0)).sum(-1) <= sae.cfg.sparse_width
 
 
 def export_saelens(sae: SparseAutoencoder, out: Path, hook_name: str | None = None) -> Path:
     """Write `sae` to `out` in the SAELens format, atomically; returns `out`.
 
-    Exact for relu and topk. batchtopk is exported as jumprelu, which matches our `encode` only on
-    tokens where at most `sparse_width` latents exceed the threshold (see the module docstring and
-    `within_width`).
+    Exact for relu and topk. batchtopk, matryoshka and jumprelu are exported as jumprelu, which matches our
+    `encode` only on tokens where at most `sparse_width` latents exceed the threshold (see the module docstring
+    and `within_width`).
     """
     out = Path(out)
     _check_replaceable(out)

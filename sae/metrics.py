@@ -37,6 +37,10 @@ live latent that rare would go unseen with probability < e^(−10) ≈ 5·10⁻�
 latents of the densities the window has shown. With c < 10 the window is too short: latents as rare as the
 rarest live one may be counted dead by chance, and the dead fraction is an upper bound."""
 
+DUPLICATE_COSINE = 0.9
+"""Two latents are duplicates when their decoder directions have cosine above this (the design's "no obvious
+duplicates, < 5% semantic overlap")."""
+
 L0_BINS = [0, 1, 8, 16, 32, 48, 64, 80, 96, 128, 192, 256, 512, 1024, 1 << 30]
 DENSITY_BINS = [-math.inf, -7, -6, -5, -4, -3, -2, -1, 0.01]  # log10 firing frequency
 
@@ -126,6 +130,32 @@ class SaeStats:
         }
 
 
+@torch.no_grad()
+def duplicate_share(W_dec_FD: torch.Tensor, live_F: torch.Tensor | None = None, cosine: float = DUPLICATE_COSINE,
+                    chunk: int = 1024) -> dict:
+    """The share of (live) latents whose decoder direction has cosine > `cosine` with another (live) latent's.
+
+    Computed in row chunks of the F x F cosine matrix, so memory stays chunk x F (5,760 x 576: ~0.1 s).
+    Also returns the largest cosine per latent summarised as its mean.
+    """
+    W = W_dec_FD.detach().float()
+    if live_F is not None:
+        W = W[live_F.to(W.device)]
+    n = W.shape[0]
+    if n < 2:
+        return {"duplicate_frac": 0.0, "duplicate_latents": 0, "duplicate_pool": n, "max_cosine_mean": float("nan")}
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    max_cos = torch.empty(n)
+    for s in range(0, n, chunk):
+        sims = W[s : s + chunk] @ W.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + s] = -math.inf  # a latent is not its own duplicate
+        max_cos[s : s + chunk] = sims.max(dim=1).values.cpu()
+    dup = int((max_cos > cosine).sum())
+    return {"duplicate_frac": dup / n, "duplicate_latents": dup, "duplicate_pool": n,
+            "max_cosine_mean": max_cos.mean().item()}
+
+
 @dataclass
 class SaeEvalConfig(CorpusConfig, ModelConfig):
     sae: Annotated[Path, tyro.conf.Positional] = Path("runs/sae/sae")
@@ -189,6 +219,7 @@ def evaluate_sae(sae: SparseAutoencoder, frozen: FrozenLM, cfg: SaeEvalConfig, l
         sums["ce_zero"] += F.nll_loss(logp_z, labels, reduction="sum").item()
         n_pred += labels.numel()
     result = stats.metrics()
+    result.update(duplicate_share(sae.W_dec, live_F=stats.fire_counts > 0))
     if cfg.splice:
         ce = {k: v / n_pred for k, v in sums.items()}
         result.update({
@@ -206,6 +237,7 @@ ROWS = [("fvu", "FVU", "{:.4f}", ""), ("explained_variance", "explained variance
         ("l0", "L0", "{:.1f}", "latents/token"), ("dead_frac", "dead", "{:.2%}", "of latents (window below)"),
         ("usage_entropy_normalized", "usage entropy", "{:.3f}", "÷ log(latents)"),
         ("token_purity", "token purity", "{:.3f}", "mass on a latent's top input token"),
+        ("duplicate_frac", "duplicates", "{:.2%}", f"of live latents: decoder cosine > {DUPLICATE_COSINE} with another"),
         ("spliced_kl", "spliced KL", "{:.4f}", "nats/token"), ("delta_ce", "ΔCE", "{:.4f}", "nats/token"),
         ("ce_recovered", "CE recovered", "{:.2%}", "vs zero-ablation")]
 

@@ -1,4 +1,5 @@
-"""Sparse autoencoders over a residual stream: ReLU + L1, TopK and BatchTopK behind one interface.
+"""Sparse autoencoders over a residual stream: ReLU + L1, TopK, BatchTopK, JumpReLU and Matryoshka
+BatchTopK behind one interface.
 
 Sparse latents travel as fixed-width (values, indices) pairs, so their cost does not grow with
 the SAE width. For TopK-style SAEs the encoder's backward pass and the decoder run sparse (only
@@ -8,7 +9,7 @@ the selected latents' rows of the weights receive gradients), which is what make
 from __future__ import annotations
 
 import json
-import warnings
+import math
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -20,10 +21,8 @@ from torch import Tensor, nn
 
 from models.errors import ConfigError
 from models.io import atomic_path, load_safetensors, read_json
-from sae.config import SaeConfig
-
-_CHUNK = 256  # tokens per chunk when gathering decoder rows in backward passes
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+from sae.config import BATCH_THRESHOLD_ARCHS, SaeConfig
+from sae.kernels import JumpReLU, JumpStep, SparseDecode, SparseEncode
 
 
 class EncoderOutput(NamedTuple):
@@ -50,96 +49,25 @@ class ForwardOutput(NamedTuple):
     """Σ‖e − ê‖² / Σ‖e − ē‖² for the residual e = x − x̂ rebuilt from dead latents (0 when unused)."""
     l0: Tensor
     """Mean number of non-zero latents per token."""
-
-
-def _csr_t_matmul(indices_NK: Tensor, values_NK: Tensor, dense_ND: Tensor, n_rows: int) -> Tensor:
-    """Σ_n Σ_j values[n, j] · dense[n] into row indices[n, j] of an [n_rows, D] result (zeros skipped)."""
-    n = indices_NK.shape[0]
-    nonzero = values_NK != 0
-    counts = nonzero.sum(-1)
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=indices_NK.device)
-    crow[1:] = counts.cumsum(0)
-    g = torch.sparse_csr_tensor(crow, indices_NK[nonzero], values_NK[nonzero].to(dense_ND.dtype), (n, n_rows),
-                                check_invariants=False)
-    return g.t() @ dense_ND
-
-
-def _gather_dot(weight_FD: Tensor, indices_NK: Tensor, grad_ND: Tensor) -> Tensor:
-    """out[n, j] = weight[indices[n, j]] · grad[n], in chunks to bound memory."""
-    out = torch.empty(indices_NK.shape, dtype=grad_ND.dtype, device=grad_ND.device)
-    for s in range(0, indices_NK.shape[0], _CHUNK):
-        rows = F.embedding(indices_NK[s : s + _CHUNK], weight_FD)  # [c, K, D]; index_select, faster than [] here
-        out[s : s + _CHUNK] = torch.bmm(rows, grad_ND[s : s + _CHUNK, :, None]).squeeze(-1)
-    return out
-
-
-class _SparseEncode(torch.autograd.Function):
-    """relu(x Wᵀ + b) restricted to the top `width` latents per token (+ the AuxK dead latents).
-
-    Forward does one dense matmul (optionally in bf16, for selection speed); backward only
-    touches the selected latents.
-    """
-
-    @staticmethod
-    def forward(ctx, x_ND, W_FD, b_F, width, compute_dtype, dead_mask_F, k_aux, sort):
-        pre_NF = F.linear(x_ND.to(compute_dtype), W_FD.to(compute_dtype)).float() + b_F
-        acts, idx = pre_NF.topk(width, dim=-1, sorted=sort)
-        acts = acts.relu()
-        aux_acts = aux_idx = None
-        if dead_mask_F is not None and k_aux > 0 and bool(dead_mask_F.any()):
-            # AuxK ranks the dead latents only (as in Gao et al. and sparsify): a gather of their
-            # columns, not a second pass over all latents.
-            dead_idx = dead_mask_F.nonzero().squeeze(1)
-            aux_acts, j = pre_NF[:, dead_idx].topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False)
-            aux_idx = dead_idx[j]
-            aux_acts = aux_acts.relu()
-        ctx.save_for_backward(x_ND, W_FD, idx, acts, aux_idx, aux_acts)
-        ctx.mark_non_differentiable(idx)
-        if aux_idx is not None:
-            ctx.mark_non_differentiable(aux_idx)
-        return acts, idx, aux_acts, aux_idx
-
-    @staticmethod
-    def backward(ctx, grad_acts, grad_idx, grad_aux, grad_aux_idx):
-        x, W, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
-        grads, ids = [grad_acts * (acts > 0)], [idx]
-        if aux_idx is not None and grad_aux is not None:
-            grads.append(grad_aux * (aux_acts > 0))
-            ids.append(aux_idx)
-        g = torch.cat(grads, dim=1)
-        i = torch.cat(ids, dim=1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(i, W, per_sample_weights=g, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = _csr_t_matmul(i, g, x.float(), W.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device).index_add_(0, i.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """Σ_j acts[n, j] · W[indices[n, j]] with a sparse backward."""
-
-    @staticmethod
-    def forward(ctx, acts_NK, indices_NK, W_FD):
-        ctx.save_for_backward(acts_NK, indices_NK, W_FD)
-        return F.embedding_bag(indices_NK, W_FD, per_sample_weights=acts_NK, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        acts, idx, W = ctx.saved_tensors
-        grad_acts = _gather_dot(W, idx, grad_ND) if ctx.needs_input_grad[0] else None
-        grad_W = _csr_t_matmul(idx, acts, grad_ND, W.shape[0]) if ctx.needs_input_grad[2] else None
-        return grad_acts, None, grad_W
+    l0_penalty: Tensor | None = None
+    """jumprelu: L0 with the threshold's straight-through gradient (the training penalty)."""
+    prefix_fvu: Tensor | None = None
+    """matryoshka: FVU of each nested dictionary's reconstruction (only its latents, + b_dec), smallest first."""
 
 
 class SparseAutoencoder(nn.Module):
-    """x̂ = Σ_i f_i(x) d_i + b_dec, with f from relu / topk / batchtopk encoders.
+    """x̂ = Σ_i f_i(x) d_i + b_dec, with f from relu / topk / batchtopk / jumprelu / matryoshka encoders.
 
     Inputs are the raw residual stream: the training-time normalisation (E‖x‖² = d_in) is
     folded into the weights when the SAE is saved.
+
+    Thresholds: batchtopk and matryoshka hold one scalar `threshold` buffer (saved as `threshold`, shape []);
+    jumprelu holds one per latent, trained as `log_threshold` and saved as `threshold` (shape [num_latents],
+    = exp(log_threshold)), with acts = pre · (pre > threshold).
     """
+
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu training: ε of the threshold's straight-through gradient (set by the trainer)."""
 
     def __init__(self, cfg: SaeConfig, device: str | torch.device = "cpu"):
         super().__init__()
@@ -149,8 +77,11 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, device=device))
         self.W_dec = nn.Parameter(torch.zeros(n, d, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device))
-        # BatchTopK at inference: latents fire above this activation (set from training batches).
-        self.register_buffer("threshold", torch.zeros((), device=device))
+        if cfg.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.zeros(n, device=device))
+        else:
+            # BatchTopK at inference: latents fire above this activation (set from training batches).
+            self.register_buffer("threshold", torch.zeros((), device=device))
         self.encoder_dtype = torch.float32
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -161,21 +92,39 @@ class SparseAutoencoder(nn.Module):
             self.W_enc.copy_(self.W_dec * (0.1 if self.cfg.arch == "relu" else 1.0))
             self.b_enc.zero_()
             self.b_dec.zero_()
+            if self.cfg.arch == "jumprelu":
+                self.log_threshold.fill_(math.log(0.5))
+
+    def latent_thresholds(self) -> Tensor:
+        """Every latent's inference threshold, shape [num_latents] (zeros for relu and topk)."""
+        if self.cfg.arch == "jumprelu":
+            return self.log_threshold.detach().exp()
+        value = self.threshold.detach() if self.cfg.arch in BATCH_THRESHOLD_ARCHS else 0.0
+        return torch.zeros(self.cfg.num_latents, device=self.W_enc.device) + value
+
+    def _encoder_input(self, x_ND: Tensor) -> Tensor:
+        x = x_ND.float()
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     # -- encode / decode -------------------------------------------------------------------
     def encode(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         """Sparse latents of a batch: `sparse_width` (value, index) slots per token."""
         cfg = self.cfg
-        x_in = x_ND.float() - self.b_dec
-        if cfg.arch == "relu":
-            acts_NF = F.relu(F.linear(x_in, self.W_enc, self.b_enc))
+        x_in = self._encoder_input(x_ND)
+        if cfg.arch in ("relu", "jumprelu"):
+            pre_NF = F.linear(x_in, self.W_enc, self.b_enc)
+            if cfg.arch == "relu":
+                acts_NF = F.relu(pre_NF)
+            else:
+                acts_NF = pre_NF * (pre_NF > self.log_threshold.exp())
             vals, idx = acts_NF.topk(cfg.sparse_width, dim=-1, sorted=False)
             return EncoderOutput(vals, idx)
+        batch_threshold = cfg.arch in BATCH_THRESHOLD_ARCHS
         width = cfg.k if cfg.arch == "topk" else cfg.sparse_width
         # BatchTopK needs its slots sorted so that the active ones form a prefix
-        vals, idx, aux_vals, aux_idx = _SparseEncode.apply(
-            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, cfg.arch == "batchtopk")
-        if cfg.arch == "batchtopk":
+        vals, idx, aux_vals, aux_idx = SparseEncode.apply(
+            x_in, self.W_enc, self.b_enc, width, self.encoder_dtype, dead_mask_F, k_aux, batch_threshold)
+        if batch_threshold:
             vals = vals * self._batchtopk_mask(vals)
             # slots are sorted, so active ones are a prefix: drop the columns no token uses
             width = max(1, int((vals > 0).sum(-1).max()))
@@ -191,7 +140,7 @@ class SparseAutoencoder(nn.Module):
         return (vals_NK >= kth).to(vals_NK.dtype) * (vals_NK > 0)
 
     def decode(self, acts_NK: Tensor, indices_NK: Tensor) -> Tensor:
-        return _SparseDecode.apply(acts_NK, indices_NK, self.W_dec) + self.b_dec
+        return SparseDecode.apply(acts_NK, indices_NK, self.W_dec) + self.b_dec
 
     def encode_dense(self, x_ND: Tensor) -> Tensor:
         """All latents as a dense [N, num_latents] tensor (for analysis, not training)."""
@@ -200,10 +149,20 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x_ND: Tensor, dead_mask_F: Tensor | None = None, k_aux: int = 0) -> ForwardOutput:
         x = x_ND.float()
-        if self.cfg.arch == "relu":
+        l0_penalty = prefix_fvu = None
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if self.cfg.arch in ("relu", "jumprelu"):
             # Dense by nature: with encoder_dtype bf16 every matmul runs in bf16 (weights stay fp32).
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.encoder_dtype == torch.bfloat16):
-                acts_NF = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
+            bf16 = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.encoder_dtype == torch.bfloat16)
+            with bf16:
+                pre_NF = F.linear(self._encoder_input(x), self.W_enc, self.b_enc)
+            if self.cfg.arch == "relu":
+                acts_NF = F.relu(pre_NF.float())
+            else:
+                theta_F = self.log_threshold.exp()
+                acts_NF = JumpReLU.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth)
+                l0_penalty = JumpStep.apply(pre_NF.float(), theta_F, self.jumprelu_bandwidth).sum(-1).mean()
+            with bf16:
                 sae_out = F.linear(acts_NF, self.W_dec.t()) + self.b_dec
             acts_NF, sae_out = acts_NF.float(), sae_out.float()
             l1 = acts_NF.sum(-1).mean()
@@ -217,17 +176,38 @@ class SparseAutoencoder(nn.Module):
             l1 = vals.sum(-1).mean()
             l0 = (vals > 0).float().sum(-1).mean()
             auxk = self._auxk_loss(x, sae_out, enc)
+            if self.cfg.arch == "matryoshka":
+                prefix_fvu = self._prefix_fvu(x, vals, idx, total_var)
         residual = x - sae_out
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = residual.pow(2).sum() / total_var.clamp_min(1e-12)
+        fvu = residual.pow(2).sum() / total_var
         mse = residual.pow(2).mean()
-        return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0)
+        return ForwardOutput(sae_out, vals, idx, fvu, mse, l1, auxk, l0, l0_penalty, prefix_fvu)
+
+    def _prefix_fvu(self, x_ND: Tensor, vals_NK: Tensor, idx_NK: Tensor, total_var: Tensor) -> Tensor:
+        """FVU of each nested dictionary: x rebuilt from the latents with id < its size only (+ b_dec).
+
+        One embedding_bag over the active slots, bagged by (token, group), gives each group's contribution;
+        their running sum over groups is the prefixes' reconstructions (one decode's work, not one per prefix).
+        """
+        sizes = torch.tensor(self.cfg.prefix_sizes, device=idx_NK.device)
+        n, groups = x_ND.shape[0], len(sizes)
+        active = vals_NK > 0
+        token = torch.arange(n, device=idx_NK.device)[:, None].expand_as(idx_NK)[active]
+        latent = idx_NK[active]
+        bag = token * groups + torch.bucketize(latent, sizes, right=True)  # group g: sizes[g-1] <= id < sizes[g]
+        order = bag.argsort()
+        offsets = torch.bincount(bag, minlength=n * groups).cumsum(0).roll(1)
+        offsets[0] = 0
+        contrib_NGD = F.embedding_bag(latent[order], self.W_dec, offsets, mode="sum",
+                                      per_sample_weights=vals_NK[active][order]).view(n, groups, -1)
+        x_hat_NGD = contrib_NGD.cumsum(1) + self.b_dec
+        return (x_ND[:, None] - x_hat_NGD).pow(2).sum((0, 2)) / total_var
 
     def _auxk_loss(self, x: Tensor, sae_out: Tensor, enc: EncoderOutput) -> Tensor:
         if enc.aux_acts_NA is None:
             return sae_out.new_zeros(())
         e = (x - sae_out).detach()
-        e_hat = _SparseDecode.apply(enc.aux_acts_NA, enc.aux_indices_NA, self.W_dec)
+        e_hat = SparseDecode.apply(enc.aux_acts_NA, enc.aux_indices_NA, self.W_dec)
         return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
     # -- constraints -----------------------------------------------------------------------
@@ -254,7 +234,9 @@ class SparseAutoencoder(nn.Module):
             "b_enc": self.b_enc.detach().contiguous().cpu(),
             "W_dec": (self.W_dec.detach() / s).contiguous().cpu(),
             "b_dec": (self.b_dec.detach() / s).contiguous().cpu(),
-            "threshold": self.threshold.detach().reshape(()).contiguous().cpu(),
+            # pre-activations do not change when the scale is folded in, so neither do thresholds
+            "threshold": (self.latent_thresholds() if self.cfg.arch == "jumprelu"
+                          else self.threshold.detach().reshape(())).contiguous().cpu(),
         }
         meta = {**asdict(self.cfg), **(extra or {}), "input_scale_folded": s}
         with atomic_path(Path(directory)) as tmp:
@@ -277,6 +259,15 @@ class SparseAutoencoder(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"{directory / 'cfg.json'}: {e}") from None
         state = load_safetensors(directory / "sae.safetensors", device=str(device))
+        if sae.cfg.arch == "jumprelu":
+            threshold = state.pop("threshold", None)
+            if threshold is None or threshold.shape != (sae.cfg.num_latents,):
+                got = "none" if threshold is None else list(threshold.shape)
+                raise ConfigError(f"{directory / 'sae.safetensors'}: a jumprelu SAE needs threshold of shape "
+                                  f"[{sae.cfg.num_latents}], got {got}")
+            # acts = pre · (pre > threshold) with a threshold below 0 would pass negative pre-activations;
+            # SAELens applies a ReLU first, which is a threshold of 0
+            state["log_threshold"] = threshold.float().clamp_min(0).log()
         try:
             sae.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shapes that disagree with cfg.json

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from corpus.cache import ActivationCache
 from models.loading import resolve_dtype
-from sae.config import L1_NAMES, SaeConfig, SaeTrainConfig
+from sae.config import BATCH_THRESHOLD_ARCHS, L1_NAMES, SaeTrainConfig
 from sae.data import TokenBatches
 from sae.model import SparseAutoencoder
 from training.layout import RunLayout
@@ -43,16 +43,26 @@ class TrainState:
 
 
 @functools.lru_cache(maxsize=8)
-def _l1_phases(text: str):
-    return parse_phases(text, "--l1-schedule", L1_NAMES)
+def _phases(text: str, flag: str):
+    return parse_phases(text, flag, L1_NAMES)
+
+
+def coefficient_at(step: int, total: int, schedule: str, warmup_frac: float, flag: str) -> float:
+    """A sparsity coefficient's phase schedule (fractions of the run), ramped up from 0 over the warm-up."""
+    phases = _phases(schedule, flag)  # parsed once, not at every step
+    value = phases[phase_index(phases, step, total)].values[0]
+    warm = warmup_frac * total
+    return value * min(1.0, (step + 1) / warm) if warm > 0 else value
 
 
 def l1_at(step: int, total: int, cfg: SaeTrainConfig) -> float:
-    """The phase schedule (fractions of the run), ramped up from 0 over the warm-up."""
-    phases = _l1_phases(cfg.l1_schedule)  # parsed once, not at every step
-    value = phases[phase_index(phases, step, total)].values[0]
-    warm = cfg.l1_warmup_frac * total
-    return value * min(1.0, (step + 1) / warm) if warm > 0 else value
+    """relu: the L1 coefficient at `step`."""
+    return coefficient_at(step, total, cfg.l1_schedule, cfg.l1_warmup_frac, "--l1-schedule")
+
+
+def l0_at(step: int, total: int, cfg: SaeTrainConfig) -> float:
+    """jumprelu: the L0 coefficient at `step`."""
+    return coefficient_at(step, total, cfg.l0_schedule, cfg.l0_warmup_frac, "--l0-schedule")
 
 
 def default_lr(num_latents: int) -> float:
@@ -75,12 +85,13 @@ class SaeTrainer(Trainer):
                  device: str = "cpu", reporter=None):
         super().__init__(cfg, rank, world, reporter)
         self.device = device
-        self.sae_cfg = SaeConfig(d_in=cache.d_model, num_latents=cfg.latents, arch=cfg.arch, k=cfg.k)
+        self.sae_cfg = cfg.sae_config(cache.d_model)
         self.data = TokenBatches(cache, cfg.layer, cfg.batch_tokens // world, cfg.seed, rank, world, cfg.shuffle_shards)
         self.total_steps = max(1, cfg.tokens // cfg.batch_tokens)
         self.tokens_per_step = cfg.batch_tokens
         self.sae = self.model = SparseAutoencoder(self.sae_cfg, device=device)
         self.sae.encoder_dtype = resolve_dtype(cfg.encoder_dtype, device)
+        self.sae.jumprelu_bandwidth = cfg.jumprelu_bandwidth
         self.forward_module = self.sae  # replaced by its DDP wrapper when world > 1
         self.base_lr = cfg.lr or default_lr(cfg.latents)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
@@ -97,7 +108,20 @@ class SaeTrainer(Trainer):
                 self.sae.b_dec.copy_(geometric_median(x))
             elif self.cfg.b_dec_init == "mean":
                 self.sae.b_dec.copy_(x.mean(0))
+            if self.cfg.arch == "jumprelu":
+                self.sae.log_threshold.copy_(self._initial_thresholds(x).log())
         self.state.input_scale = scale
+
+    def _initial_thresholds(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """jumprelu: --jumprelu-init-threshold, or each latent's pre-activation that k/latents of the sample's
+        tokens exceed, so that training starts at L0 ≈ k. Why: Adam moves log θ by about lr per step at most,
+        so in a run of a few thousand steps the thresholds cannot travel far from where they start."""
+        if self.cfg.jumprelu_init_threshold > 0:
+            return torch.full((self.sae_cfg.num_latents,), self.cfg.jumprelu_init_threshold, device=x_ND.device)
+        x_ND = x_ND[:4096]
+        pre_NF = torch.nn.functional.linear(x_ND - self.sae.b_dec, self.sae.W_enc, self.sae.b_enc)
+        n_fire = max(1, round(x_ND.shape[0] * self.cfg.k / self.sae_cfg.num_latents))
+        return pre_NF.topk(n_fire, dim=0).values[-1].clamp_min(1e-3)
 
     def _batches(self, start_batch: int):
         for x in self.data.iterate(start_batch=start_batch):
@@ -106,10 +130,15 @@ class SaeTrainer(Trainer):
     def _train_step(self, x: torch.Tensor):
         cfg = self.cfg
         dead = self.state.since_fired >= cfg.dead_tokens
-        k_aux = self.sae_cfg.d_in // 2 if cfg.auxk_alpha > 0 and cfg.arch != "relu" else 0
+        k_aux = self.sae_cfg.d_in // 2 if cfg.auxk_alpha > 0 and cfg.arch not in ("relu", "jumprelu") else 0
         out = self.forward_module(x, dead if k_aux else None, k_aux)
         if cfg.arch == "relu":
             loss = out.mse + l1_at(self.state.step, self.total_steps, cfg) * out.l1
+        elif cfg.arch == "jumprelu":
+            loss = out.fvu + l0_at(self.state.step, self.total_steps, cfg) * out.l0_penalty
+        elif cfg.arch == "matryoshka":
+            # Bussmann et al.: the sum over the nested dictionaries of each one's reconstruction error
+            loss = out.prefix_fvu.sum() + cfg.auxk_alpha * out.auxk_loss
         else:
             loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
         self._clip_and_step(loss)
@@ -129,7 +158,7 @@ class SaeTrainer(Trainer):
     def _update_counters(self, out, n_tokens: int) -> None:
         fired = torch.zeros(self.sae_cfg.num_latents, dtype=torch.int64, device=out.acts_NK.device)
         fired.index_fill_(0, out.indices_NK[out.acts_NK > 0], 1)
-        if self.cfg.arch == "batchtopk":
+        if self.cfg.arch in BATCH_THRESHOLD_ARCHS:
             positive = out.acts_NK[out.acts_NK > 0]
             if positive.numel():
                 self.state.threshold_sum += positive.min().item()
@@ -174,12 +203,18 @@ class SaeTrainer(Trainer):
         }
         if self.cfg.arch == "relu":
             metrics["sae/l1_coefficient"] = l1_at(self.state.step, self.total_steps, self.cfg)
+        if self.cfg.arch == "jumprelu":
+            metrics["sae/l0_coefficient"] = l0_at(self.state.step, self.total_steps, self.cfg)
+            metrics["sae/threshold_mean"] = self.sae.log_threshold.detach().exp().mean().item()
+        if out.prefix_fvu is not None:
+            metrics.update({f"sae/fvu_prefix_{size}": v for size, v in
+                            zip(self.sae_cfg.prefix_sizes, out.prefix_fvu.tolist(), strict=True)})
         return metrics
 
     def finish(self) -> Path:
         """Save the final SAE (normalisation folded in) to OUT; returns its folder."""
         sae = self.sae
-        if self.cfg.arch == "batchtopk" and self.state.threshold_count:
+        if self.cfg.arch in BATCH_THRESHOLD_ARCHS and self.state.threshold_count:
             sae.threshold.fill_(self.state.threshold_sum / self.state.threshold_count)
         extra = {"layer": self.cfg.layer, "model": self.cfg.model, "train_tokens": self.state.step * self.cfg.batch_tokens}
         sae_dir = RunLayout(self.cfg.out).sae

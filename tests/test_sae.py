@@ -1,14 +1,16 @@
+import json
 import math
 
 import pytest
 import torch
 
 from corpus.cache import build_cache
+from models.errors import ConfigError
 from sae.config import SaeConfig, SaeTrainConfig
 from sae.job import cache_config_for
 from sae.metrics import SaeStats
 from sae.model import SparseAutoencoder
-from sae.train import SaeTrainer, l1_at
+from sae.train import SaeTrainer, l0_at, l1_at
 
 
 def _train_cfg(tiny_model_dir, tmp_path, **kw):
@@ -67,7 +69,7 @@ def test_dead_fraction_states_its_window_and_warns_when_it_is_too_short():
         {**m, "arch": "topk", "num_latents": 4, "k": 1, "layer": 2, "data": "d", "split": "eval"})
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_save_load_round_trip_folds_the_input_scale(arch, tmp_path):
     torch.manual_seed(0)
     sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, arch=arch, k=4))
@@ -75,7 +77,10 @@ def test_save_load_round_trip_folds_the_input_scale(arch, tmp_path):
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.1)
-        sae.threshold.fill_(0.05)
+        if arch == "jumprelu":
+            sae.log_threshold.uniform_(-3, 0)
+        else:
+            sae.threshold.fill_(0.05)
     sae.eval()
     scale = 2.5
     x = torch.randn(16, 8)
@@ -87,10 +92,10 @@ def test_save_load_round_trip_folds_the_input_scale(arch, tmp_path):
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
 def test_each_architecture_lowers_its_loss(arch, tiny_model_dir, tiny_cache, tmp_path):
     cfg = _train_cfg(tiny_model_dir, tmp_path, arch=arch, tokens=64 * 60, resample_every=0,
-                     l1_schedule="1:0.0005", lr=1e-2)
+                     l1_schedule="1:0.0005", l0_schedule="1:0.0005", lr=1e-2)
     trainer = SaeTrainer(cfg, tiny_cache)
     trainer.start()
     losses = []
@@ -187,3 +192,137 @@ def test_sparse_backward_equals_the_dense_reference(arch):
     torch.testing.assert_close(out.fvu + out.auxk_loss, ref)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_jumprelu_saves_one_threshold_per_latent_and_encodes_pre_times_step(tmp_path):
+    """The interface importers rely on: sae.safetensors holds threshold [latents]; acts = pre · (pre > threshold)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, arch="jumprelu", k=8))
+    sae.init_weights()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.log_threshold.uniform_(-2, 0)
+    sae.save(tmp_path / "sae")
+    tensors = load_file(str(tmp_path / "sae" / "sae.safetensors"))
+    assert tensors["threshold"].shape == (32,) and "log_threshold" not in tensors
+    torch.testing.assert_close(tensors["threshold"], sae.log_threshold.exp())
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    x = torch.randn(16, 8)
+    pre = (x - tensors["b_dec"]) @ tensors["W_enc"].T + tensors["b_enc"]
+    torch.testing.assert_close(loaded.encode_dense(x), pre * (pre > tensors["threshold"]))
+    # apply_b_dec_to_input = False (Gemma Scope): pre = x · W_encᵀ + b_enc
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "apply_b_dec_to_input": False}))
+    pre = x @ tensors["W_enc"].T + tensors["b_enc"]
+    torch.testing.assert_close(SparseAutoencoder.load(tmp_path / "sae").encode_dense(x), pre * (pre > tensors["threshold"]))
+
+
+def test_jumprelu_load_refuses_a_missing_or_scalar_threshold(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, arch="jumprelu", k=8))
+    sae.init_weights()
+    sae.save(tmp_path / "sae")
+    tensors = load_file(str(tmp_path / "sae" / "sae.safetensors"))
+    save_file({**tensors, "threshold": torch.tensor(0.5)}, str(tmp_path / "sae" / "sae.safetensors"))
+    with pytest.raises(ConfigError, match=r"jumprelu SAE needs threshold of shape \[32\], got \[\]"):
+        SparseAutoencoder.load(tmp_path / "sae")
+
+
+def test_jumprelu_threshold_gets_the_straight_through_gradient():
+    """∂L/∂θ_i = −(θ_i/ε) Σ_n ∂L/∂f_ni · K((pre_ni − θ_i)/ε) from the reconstruction, −(λ/ε) Σ_n K(...)/N from L0."""
+    sae = SparseAutoencoder(SaeConfig(d_in=2, num_latents=2, arch="jumprelu", k=2))
+    sae.jumprelu_bandwidth = eps = 0.2
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.eye(2))
+        sae.log_threshold.fill_(0.0)  # θ = 1
+    # latent 0: pre 1.05 (fires, inside the kernel window |pre − θ| < ε/2), 0.95 (silent, inside), 3.0 (outside)
+    # latent 1: pre 0.0 always: far from θ, no gradient
+    x = torch.tensor([[1.05, 0.0], [0.95, 0.0], [3.0, 0.0]])
+    out = sae(x)
+    out.l0_penalty.backward()
+    # L0 penalty = mean_n Σ_i H(pre − θ): two of three tokens of latent 0 in the window
+    assert out.l0_penalty.item() == pytest.approx(2 / 3)  # pre 1.05 and 3.0 fire
+    expected = -(1 / eps) * 2 / 3 * 1.0  # ∂/∂log θ = θ · ∂/∂θ, θ = 1
+    torch.testing.assert_close(sae.log_threshold.grad, torch.tensor([expected, 0.0]))
+    # and the opposite pseudo-derivative to pre (so to the encoder): +(1/ε)K/N on the two tokens in the window
+    torch.testing.assert_close(sae.b_enc.grad, torch.tensor([(1 / eps) * 2 / 3, 0.0]))
+    sae.zero_grad()
+    out = sae(x)
+    recon = (x - out.sae_out_ND).pow(2).sum()
+    recon.backward()
+    acts = x * (x > 1)
+    grad_f = -2 * (x - acts)  # ∂recon/∂f with identity weights, b = 0
+    window = ((x - 1).abs() < eps / 2).float()
+    torch.testing.assert_close(sae.log_threshold.grad, -(1 / eps) * (grad_f * window).sum(0))
+    assert sae.log_threshold.grad[0] != 0 and sae.W_enc.grad is not None
+
+
+def test_jumprelu_l0_falls_as_the_coefficient_rises(tiny_model_dir, tiny_cache, tmp_path):
+    l0 = {}
+    for coefficient in (0.0, 0.05):
+        cfg = _train_cfg(tiny_model_dir, tmp_path / str(coefficient), arch="jumprelu", tokens=64 * 80, lr=3e-3,
+                         l0_schedule=f"1:{coefficient}", l0_warmup_frac=0.0)
+        trainer = SaeTrainer(cfg, tiny_cache)
+        trainer.start()
+        trainer.run()
+        l0[coefficient] = trainer.last_metrics["sae/l0"]
+    assert l0[0.05] < 0.5 * l0[0.0]
+
+
+def test_l0_schedule_phases_and_warm_up():
+    cfg = SaeTrainConfig(l0_schedule="0.5:0.001,0.5:0.004", l0_warmup_frac=0.0, data="builtin:tasks")
+    assert [l0_at(s, 100, cfg) for s in (0, 49, 50, 99)] == [0.001, 0.001, 0.004, 0.004]
+    assert l0_at(0, 100, SaeTrainConfig(l0_schedule="1:0.002", l0_warmup_frac=0.1, data="builtin:tasks")) == \
+        pytest.approx(0.0002)
+    with pytest.raises(ConfigError, match="--l0-schedule"):
+        SaeTrainConfig(l0_schedule="0.002", data="builtin:tasks")
+
+
+def test_matryoshka_prefix_loss_is_each_prefix_s_own_reconstruction():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SaeConfig(d_in=8, num_latents=32, arch="matryoshka", k=4, prefixes=(4, 12, 32)))
+    sae.init_weights()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    sae.train()
+    x = torch.randn(16, 8)
+    out = sae(x)
+    enc = sae.encode(x)
+    acts_NF = torch.zeros(16, 32).scatter_(1, enc.indices_NK, enc.acts_NK)
+    assert (acts_NF > 0).sum() == 4 * 16  # BatchTopK: k x batch latents over the batch
+    total_var = (x - x.mean(0)).pow(2).sum()
+    for i, size in enumerate((4, 12, 32)):
+        x_hat = acts_NF[:, :size] @ sae.W_dec[:size] + sae.b_dec  # only the prefix's latents
+        torch.testing.assert_close(out.prefix_fvu[i], (x - x_hat).pow(2).sum() / total_var)
+    torch.testing.assert_close(out.prefix_fvu[-1], out.fvu)
+    # the loss reaches a latent through every prefix it belongs to: the first prefix's latents get more
+    out.prefix_fvu.sum().backward()
+    assert sae.W_dec.grad.abs().sum() > 0
+
+
+def test_matryoshka_prefixes_default_to_doubling_and_are_checked():
+    assert SaeConfig(d_in=8, num_latents=5760, arch="matryoshka").prefix_sizes == (360, 720, 1440, 2880, 5760)
+    with pytest.raises(ConfigError, match="--prefixes: expected increasing sizes ending at the number of latents"):
+        SaeConfig(d_in=8, num_latents=64, arch="matryoshka", prefixes=(16, 8, 64))
+    with pytest.raises(ConfigError, match="--prefixes"):
+        SaeTrainConfig(arch="matryoshka", latents=64, prefixes="16,32", data="builtin:tasks")
+    with pytest.raises(ConfigError, match="--prefixes: expected comma-separated"):
+        SaeTrainConfig(arch="matryoshka", latents=64, prefixes="16;64", data="builtin:tasks")
+
+
+def test_duplicate_share_counts_latents_with_a_near_parallel_decoder_direction():
+    from sae.metrics import duplicate_share
+
+    W = torch.eye(8)  # 8 orthogonal directions
+    W = torch.cat([W, W[:2] * 3 + 0.01, -W[2:3]])  # two near-copies (scaled) and one antiparallel, not a duplicate
+    m = duplicate_share(W, chunk=3)  # chunks that cut the matrix unevenly
+    # latents 0, 1 and their copies 8, 9 are duplicates: 4 of 11
+    assert m["duplicate_latents"] == 4 and m["duplicate_frac"] == pytest.approx(4 / 11)
+    live = torch.ones(11, dtype=torch.bool)
+    live[8] = False  # a dead copy does not count, and does not make latent 0 a duplicate
+    m = duplicate_share(W, live_F=live)
+    assert m["duplicate_latents"] == 2 and m["duplicate_pool"] == 10

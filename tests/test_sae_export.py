@@ -19,7 +19,7 @@ from sae.export import SaeExportConfig, export_saelens, hook_name_for_layer, run
 from sae.model import SparseAutoencoder
 
 D_IN, LATENTS, K = 16, 64, 4
-ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+ARCHS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
 # Fields of sae_lens.SAEConfig (its cfg.json) plus "architecture"; TopKSAEConfig adds two.
 SAELENS_KEYS = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
                 "normalize_activations", "reshape_activations", "metadata"}
@@ -34,7 +34,10 @@ def _random_sae(arch: str, seed: int = 0) -> SparseAutoencoder:
         sae.W_dec.copy_(torch.randn(LATENTS, D_IN, generator=g) / D_IN**0.5)
         sae.b_enc.copy_(0.1 * torch.randn(LATENTS, generator=g) - (1.5 if arch == "relu" else 0.0))
         sae.b_dec.copy_(0.1 * torch.randn(D_IN, generator=g))
-        sae.threshold.fill_(1.5)
+        if arch == "jumprelu":  # per-latent thresholds around 1.5
+            sae.log_threshold.copy_((1.5 + 0.2 * torch.rand(LATENTS, generator=g)).log())
+        else:
+            sae.threshold.fill_(1.5)
     return sae.eval()
 
 
@@ -72,7 +75,7 @@ def test_export_has_the_files_keys_and_tensors_saelens_loads(arch, tmp_path):
     assert meta["hook_name"] == "model.layers.2" and meta["model_name"] == "some/model"
     tensors = load_file(str(out / "sae_weights.safetensors"))
     shapes = {"W_enc": (D_IN, LATENTS), "b_enc": (LATENTS,), "W_dec": (LATENTS, D_IN), "b_dec": (D_IN,)}
-    if arch == "batchtopk":
+    if ARCHS[arch] == "jumprelu":
         shapes["threshold"] = (LATENTS,)  # strict load: only jumprelu may have it
     assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
     assert all(v.dtype == torch.float32 for v in tensors.values())
@@ -86,8 +89,10 @@ def test_exported_weights_round_trip(arch, tmp_path):
     torch.testing.assert_close(tensors["W_dec"], sae.W_dec, rtol=0, atol=0)
     torch.testing.assert_close(tensors["b_enc"], sae.b_enc, rtol=0, atol=0)
     torch.testing.assert_close(tensors["b_dec"], sae.b_dec, rtol=0, atol=0)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         assert torch.equal(tensors["threshold"], torch.full((LATENTS,), 1.5))
+    if arch == "jumprelu":
+        torch.testing.assert_close(tensors["threshold"], sae.log_threshold.exp(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from faithlens_cli import main
 
 
@@ -43,3 +45,26 @@ def test_choose_layer_rule():
             {"layer": 12, "explained_variance": 0.90, "token_purity": 0.6}]
     layer, why = choose_layer(rows)
     assert layer == 6 and "layer 6" in why  # rank sums: 6 -> 0+1, 9 -> 1+2, 12 -> 2+0
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "matryoshka"])
+def test_sae_train_job_trains_and_evaluates_jumprelu_and_matryoshka(arch, tiny_model_dir, tmp_path, capsys):
+    from sae.model import SparseAutoencoder
+
+    out = tmp_path / arch
+    code = main(["sae", "train", "--arch", arch, "--model", str(tiny_model_dir), "--dtype", "fp32",
+                 "--data", "builtin:tasks", "--layer", "2", "--latents", "64", "--k", "4", "--tokens", "2048",
+                 "--seq-len", "32", "--batch-tokens", "128", "--eval-tokens", "512",
+                 *(["--prefixes", "8,16,64"] if arch == "matryoshka" else ["--l0-schedule", "1:0.001"]),
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--lr", "0.01"])
+    assert code == 0
+    sae = SparseAutoencoder.load(out / "sae")
+    assert sae.cfg.arch == arch
+    if arch == "matryoshka":
+        assert sae.cfg.prefix_sizes == (8, 16, 64) and float(sae.threshold) > 0  # the BatchTopK inference threshold
+    else:
+        assert sae.latent_thresholds().shape == (64,) and (sae.latent_thresholds() > 0).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arch"] == arch and 0 <= metrics["fvu"] < 1 and metrics["l0"] > 0
+    assert 0 <= metrics["duplicate_frac"] <= 1 and metrics["duplicate_pool"] <= 64
+    assert "| duplicates |" in capsys.readouterr().out
