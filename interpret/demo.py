@@ -14,6 +14,7 @@ resume from their own checkpoints), and a rerun with another `--sae-k` retrains 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from rich.console import Console
 from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
 from models.io import read_json
+from training import logs
 from training.config import to_record
 from training.layout import RunLayout
 from training.stages import StagePlan
@@ -130,18 +132,20 @@ class _Stages:
         verb = "reused" if reused else f"done in {time.perf_counter() - t:.0f} s"
         self.console.print(f"      {verb} → {where}")
 
-    def reuse_or_run(self, stage: str, cfg, work: Callable[[], object]) -> bool:
-        """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output."""
+    def reuse_or_run(self, stage: str, cfg, work: Callable[[], object], report: bool = False) -> bool:
+        """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output.
+        What `work` prints goes to the log file (its progress bars stay), unless it is the stage's `report`."""
         wanted = to_record(cfg)
         if self.plan.reuse(stage, wanted):
             return True
-        work()
+        with contextlib.nullcontext() if report else logs.to_log_file():
+            work()
         self.plan.finished(stage, wanted)
         return False
 
-    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path) -> None:
+    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path, report: bool = False) -> None:
         t = self.start(title)
-        self.done(t, where, self.reuse_or_run(stage, cfg, work))
+        self.done(t, where, self.reuse_or_run(stage, cfg, work, report))
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -157,6 +161,8 @@ def run_demo(cfg: DemoConfig) -> None:
     layout = RunLayout(cfg.out.resolve())
     stages = _Stages(console, 11, layout)
     console.rule("[bold]faithlens demo")
+    if (line := logs.announce()) is not None:
+        console.print(line, markup=False, soft_wrap=True)
 
     t = stages.start(f"load {cfg.model}")
     cache_cfg = CacheConfig(model=cfg.model, data=cfg.data, layers=str(cfg.layer), tokens=cfg.cache_tokens, out=layout.cache)
@@ -279,7 +285,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         run_explain(explain_cfg)
 
-    stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html)
+    stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html, report=True)
 
     t = stages.start("eval table")
     from interpret.eval_records import EvalReport
@@ -287,7 +293,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
     eval_cfg = EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
                           task_examples=cfg.task_examples, ppo=run.ppo.root)
-    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg))
+    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg), report=True)
     if reused:
         print_table(EvalReport.from_json(read_json(run.eval_json)), stages.console)
     stages.done(t, run.eval.root, reused)
