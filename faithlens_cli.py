@@ -196,14 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(_log_folder(cfg), verbose)
         func = getattr(importlib.import_module(module_name), func_name)
         func(cfg)
-    except (ConfigError, JobError) as e:
+    except ConfigError as e:
         print(f"faithlens {name}: error: {e}", file=sys.stderr)
-        if isinstance(e, JobError):
-            _announce_logs()
+        logs.close(discard=True)
+        return 2
+    except JobError as e:
+        print(f"faithlens {name}: error: {e}", file=sys.stderr)
+        _announce_logs()
         return 2
     except KeyboardInterrupt:
         print(f"faithlens {name}: interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        logs.close()
     _announce_logs()
     return 0
 

@@ -26,6 +26,8 @@ class _State:
     path: Path | None = None
     announced = False
     handlers: list[logging.Handler] = []
+    created: list[Path] = []
+    """The log file's folder and those of its parents that did not exist at `setup`, innermost first."""
 
 
 class _LazyFileHandler(logging.FileHandler):
@@ -54,12 +56,11 @@ def setup(run: Path | None, verbose: bool) -> None:
     """Log to RUN/logs/faithlens.log (everything, INFO and up) and to stderr (faithlens's own records; with
     `verbose`, all). Where logging is already configured (pytest, an application embedding faithlens), stderr is
     left to that configuration. Idempotent: a second call replaces what the first installed."""
+    close()
     root = logging.getLogger()
-    for handler in _State.handlers:
-        root.removeHandler(handler)
-        handler.close()
-    _State.handlers, _State.verbose, _State.announced = [], verbose, False
+    _State.verbose, _State.announced = verbose, False
     _State.path = log_dir(run) / LOG_NAME if run is not None else None
+    _State.created = [] if _State.path is None else [p for p in _State.path.parents if not p.exists()]
     embedded = bool(root.handlers)
     if not embedded:
         console = logging.StreamHandler(sys.stderr)
@@ -78,6 +79,21 @@ def setup(run: Path | None, verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     route_ray_loggers()
+
+
+def close(discard: bool = False) -> None:
+    """Remove the handlers `setup` installed; with `discard` (a command refused its input), also the log folder
+    and the parents it created, so a refused command leaves nothing behind."""
+    root = logging.getLogger()
+    for handler in _State.handlers:
+        root.removeHandler(handler)
+        handler.close()
+    _State.handlers = []
+    if discard and _State.created:
+        shutil.rmtree(_State.created[0], ignore_errors=True)
+        for folder in _State.created[1:]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
 
 
 def verbose() -> bool:
