@@ -148,6 +148,29 @@ class _Stages:
         self.done(t, where, self.reuse_or_run(stage, cfg, work, report))
 
 
+class _RaySession:
+    """One Ray instance for the demo's Ray stages, started by the first that runs (each job would start its own,
+    and a Ray start takes 5-30 s on a loaded 2-core machine)."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            logs.init_ray()
+            self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+
+            logs.keep_worker_logs("demo")
+            ray.shutdown()
+            self.started = False
+
+
 def run_demo(cfg: DemoConfig) -> None:
     from corpus.cache import build_cache
     from corpus.config import CacheConfig
@@ -158,6 +181,7 @@ def run_demo(cfg: DemoConfig) -> None:
     from sae.config import SaeTrainConfig
 
     console = Console()
+    ray_session = _RaySession()
     layout = RunLayout(cfg.out.resolve())
     stages = _Stages(console, 11, layout)
     console.rule("[bold]faithlens demo")
@@ -195,6 +219,7 @@ def run_demo(cfg: DemoConfig) -> None:
     def sae() -> None:
         from sae.job import run_sae_train
 
+        ray_session()
         run_sae_train(sae_cfg)
 
     stages.step(f"TopK SAE on layer {cfg.layer} (Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root)
@@ -206,6 +231,7 @@ def run_demo(cfg: DemoConfig) -> None:
     def distill() -> None:
         from distill.job import run_decoder_train
 
+        ray_session()
         run_decoder_train(distill_cfg)
 
     stages.step(f"{cfg.decoder_arch} decoder distilled to the frozen model (Ray Train job)", "distill",
@@ -217,10 +243,12 @@ def run_demo(cfg: DemoConfig) -> None:
     def ppo() -> None:
         from rl_env.ppo import run_ppo
 
+        ray_session()
         run_ppo(ppo_cfg)
 
     stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
 
+    ray_session.stop()
     _interpret_stages(cfg, layout, frozen, stages)
     console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
 
