@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import signal
 import sys
 from pathlib import Path
+
+from training import logs
 
 # command -> (module, config class, function taking the config); imported only when used,
 # so `faithlens --help` stays fast.
@@ -67,9 +68,20 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: faithlens COMMAND [--help] [options]", "", "commands:"]
+    lines = ["usage: faithlens COMMAND [--help] [--verbose] [options]", "",
+             "Ray, RLlib and library logs go to RUN/logs/faithlens.log (RUN: the command's --out or run folder);",
+             "--verbose shows them on the terminal too.", "", "commands:"]
     lines += [f"  {name:<20} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _log_folder(cfg) -> Path:
+    """The folder whose logs/ holds the command's log file: its run folder, else its output, else runs/."""
+    for name in ("run", "out", "experiment"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    return Path("runs")
 
 
 def _config_file(args: list[str]) -> Path | None:
@@ -157,6 +169,8 @@ def _box_to_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -169,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, config_ref, func_name, help_ = COMMANDS[name]
     # Ctrl-C must stop a long build cleanly even where a parent shell started us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logs.setup(None, verbose)  # until the config names the run folder
 
     import tyro
 
@@ -183,15 +195,33 @@ def main(argv: list[str] | None = None) -> int:
         config_file = _config_file(rest) if "config" in {f.name for f in dataclasses.fields(config_cls)} else None
         defaults = _file_defaults(config_cls, config_file) if config_file is not None else tyro.MISSING_NONPROP
         cfg = _parse(config_cls, rest, f"faithlens {name}", help_, defaults)
+        logs.setup(_log_folder(cfg), verbose)
         func = getattr(importlib.import_module(module_name), func_name)
         func(cfg)
-    except (ConfigError, JobError) as e:
+    except ConfigError as e:
         print(f"faithlens {name}: error: {e}", file=sys.stderr)
+        logs.close(discard=True)
+        return 2
+    except JobError as e:
+        print(f"faithlens {name}: error: {e}", file=sys.stderr)
+        _announce_logs()
         return 2
     except KeyboardInterrupt:
         print(f"faithlens {name}: interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        logs.close()
+    _announce_logs()
     return 0
+
+
+def _announce_logs() -> None:
+    """The log file's path, once per command, if something was written to it."""
+    path = logs.log_file()
+    if path is not None and path.is_file():
+        line = logs.announce()
+        if line is not None:
+            print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

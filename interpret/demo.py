@@ -14,6 +14,7 @@ resume from their own checkpoints), and a rerun with another `--sae-k` retrains 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from rich.console import Console
 from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
 from models.io import read_json
+from training import logs
 from training.config import to_record
 from training.layout import RunLayout
 from training.stages import StagePlan
@@ -147,18 +149,43 @@ class _Stages:
         verb = "reused" if reused else f"done in {time.perf_counter() - t:.0f} s"
         self.console.print(f"      {verb} → {where}")
 
-    def reuse_or_run(self, stage: str, cfg, work: Callable[[], object]) -> bool:
-        """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output."""
+    def reuse_or_run(self, stage: str, cfg, work: Callable[[], object], report: bool = False) -> bool:
+        """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output.
+        What `work` prints goes to the log file (its progress bars stay), unless it is the stage's `report`."""
         wanted = to_record(cfg)
         if self.plan.reuse(stage, wanted):
             return True
-        work()
+        with contextlib.nullcontext() if report else logs.to_log_file():
+            work()
         self.plan.finished(stage, wanted)
         return False
 
-    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path) -> None:
+    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path, report: bool = False) -> None:
         t = self.start(title)
-        self.done(t, where, self.reuse_or_run(stage, cfg, work))
+        self.done(t, where, self.reuse_or_run(stage, cfg, work, report))
+
+
+class _RaySession:
+    """One Ray instance for the demo's Ray stages, started by the first that runs (each job would start its own,
+    and a Ray start takes 5-30 s on a loaded 2-core machine)."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            logs.init_ray()
+            self.started = True
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+
+            logs.keep_worker_logs("demo")
+            ray.shutdown()
+            self.started = False
 
 
 def run_demo(cfg: DemoConfig) -> None:
@@ -171,9 +198,12 @@ def run_demo(cfg: DemoConfig) -> None:
     from sae.config import SaeTrainConfig
 
     console = Console()
+    ray_session = _RaySession()
     layout = RunLayout(cfg.out.resolve())
     stages = _Stages(console, 11, layout)
     console.rule("[bold]faithlens demo")
+    if (line := logs.announce()) is not None:
+        console.print(line, markup=False, soft_wrap=True)
 
     t = stages.start(f"load {cfg.model}")
     cache_cfg = CacheConfig(model=cfg.model, data=cfg.data, layers=str(cfg.layer), tokens=cfg.cache_tokens, out=layout.cache)
@@ -206,6 +236,7 @@ def run_demo(cfg: DemoConfig) -> None:
     def sae() -> None:
         from sae.job import train_and_evaluate
 
+        ray_session()
         train_and_evaluate(sae_cfg, cache, frozen)  # passes over the demo's cache: no second forward pass
 
     stages.step(f"TopK SAE on layer {cfg.layer}, {sae_cfg.tokens:,} tokens = {cfg.sae_passes} passes over the cache "
@@ -220,6 +251,7 @@ def run_demo(cfg: DemoConfig) -> None:
     def distill() -> None:
         from distill.job import run_decoder_train
 
+        ray_session()
         run_decoder_train(distill_cfg)
 
     what = f"{cfg.decoder_arch} decoder" + (f" ({n_layers} blocks)" if cfg.decoder_arch == "context" else "")
@@ -233,10 +265,12 @@ def run_demo(cfg: DemoConfig) -> None:
     def ppo() -> None:
         from rl_env.ppo import run_ppo
 
+        ray_session()
         run_ppo(ppo_cfg)
 
     stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib, anchored to the frozen model)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
 
+    ray_session.stop()
     _interpret_stages(cfg, layout, frozen, stages)
     console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
 
@@ -303,7 +337,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         run_explain(explain_cfg)
 
-    stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html)
+    stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html, report=True)
 
     t = stages.start("eval table")
     from interpret.eval_records import EvalReport
@@ -311,7 +345,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
     eval_cfg = EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
                           task_examples=cfg.task_examples, ppo=run.ppo.root)
-    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg))
+    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg), report=True)
     if reused:
         print_table(EvalReport.from_json(read_json(run.eval_json)), stages.console)
     stages.done(t, run.eval.root, reused)

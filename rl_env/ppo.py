@@ -353,10 +353,12 @@ def run_ppo(cfg: PpoConfig) -> dict:
     cfg = resolve(cfg)
     corpus = check_inputs(cfg)
     out = Path(cfg.out).resolve()
+    from training.logs import init_ray, keep_worker_logs, route_ray_loggers
+
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address="local", num_cpus=max(2, cfg.env_runners + 1), log_to_driver=False, configure_logging=False,
-                 include_dashboard=False)
+        init_ray(address="local", num_cpus=max(2, cfg.env_runners + 1), include_dashboard=False)
+    route_ray_loggers()
     try:
         trial = PpoTrial(cfg, out, corpus=corpus)
         try:
@@ -374,6 +376,7 @@ def run_ppo(cfg: PpoConfig) -> dict:
             trial.close()
     finally:
         if started_here:
+            keep_worker_logs("ppo")
             ray.shutdown()
     _print_summary(metrics, out)
     return metrics

@@ -33,6 +33,7 @@ import tyro
 from models.errors import ConfigError
 from models.io import read_json, read_yaml, write_json_atomic
 from rl_env.ppo_config import PpoConfig
+from training import logs
 from training.config import typed_options
 from training.tracking import wandb_settings
 
@@ -241,6 +242,7 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = "", wandb: dic
                                     num_samples=int(spec.get("num_samples", 1)),
                                     max_concurrent_trials=int(spec.get("max_concurrent", 1))),
         run_config=tune.RunConfig(name=Path(experiment).name, storage_path=storage, callbacks=_wandb_callbacks(wandb),
+                                  verbose=None if logs.verbose() else 1,  # 1: the trials' status, no per-result rows
                                   # PBT copies other trials' checkpoints: it must find them on storage
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if algorithm == "pbt" else 2)),
     )
@@ -273,12 +275,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
     check_base(spec, cfg.file)
     experiment = (Path(cfg.out) if cfg.out is not None else Path("runs/sweeps") / spec["name"]).resolve()
     experiment.parent.mkdir(parents=True, exist_ok=True)
+    from training.logs import init_ray, keep_worker_logs, route_ray_loggers
+
     started_here = not ray.is_initialized()
     if started_here:
         if cfg.address:
-            ray.init(address=cfg.address, log_to_driver=False)
+            init_ray(address=cfg.address)
         else:
-            ray.init(address="local", log_to_driver=False, configure_logging=False, include_dashboard=False)
+            init_ray(address="local", include_dashboard=False)
+    route_ray_loggers()
     # Under `ray job submit`, the driver's working folder is an unpacked package that Ray may remove
     # while trials run; everything is absolute by now, so work from the experiment's parent instead.
     os.chdir(experiment.parent)
@@ -286,6 +291,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         results = build_tuner(spec, experiment, cfg.storage_path, wandb).fit()
     finally:
         if started_here:
+            keep_worker_logs(f"sweep {spec['name']}")
             ray.shutdown()
     errors = [str(r.error) for r in results if r.error is not None]
     summary = compare(experiment) if not cfg.storage_path else {"trials": []}

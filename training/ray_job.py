@@ -10,6 +10,8 @@ function that returns its `Trainer` and a `finish()` that rank 0 calls at the en
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ def stage_worker(config: dict) -> None:
     holder["trainer"] = trainer
     if world > 1:
         trainer.forward_module = ray.train.torch.prepare_model(trainer.model, move_to_device=False)
-    resume_and_run(trainer, rank, config["desc"])
+    resume_and_run(trainer, rank, config["progress"])
     if rank == 0:
         finish()
     reporter.close()
@@ -69,15 +71,19 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from training.logs import init_ray, keep_worker_logs, route_ray_loggers
+
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(log_to_driver=True, configure_logging=False)
+        init_ray()
+    route_ray_loggers()
     cpus = int(ray.available_resources().get("CPU", 1))
     per_worker = max(1, cpus // workers)
     out = Path(out).resolve()
+    bar = DriverProgress(what)
     trainer = TorchTrainer(
         worker,
-        train_loop_config={**loop_config, "threads_per_worker": per_worker},
+        train_loop_config={**loop_config, "threads_per_worker": per_worker, "progress": bar.queue},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": per_worker}),
         run_config=RunConfig(
             name="ray", storage_path=str(RunLayout(out).ray_results),
@@ -86,12 +92,14 @@ def run_torch_job(worker: Callable[[dict], None], loop_config: dict, out: Path, 
         ),
     )
     try:
-        trainer.fit()
+        with bar:
+            trainer.fit()
     except ray.train.TrainingFailedError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise JobError(f"{what} failed after {MAX_FAILURES} retries ({first}); logs under {RunLayout(out).ray_results}") from e
     finally:
         if started_here:
+            keep_worker_logs(what)
             ray.shutdown()
 
 
@@ -115,9 +123,10 @@ def metric_reporter(out: Path, rank: int, get_trainer: Callable[[], Any], wandb:
     return reporter
 
 
-def resume_and_run(trainer, rank: int, desc: str):
+def resume_and_run(trainer, rank: int, queue=None):
     """Inside a worker: start from Ray Train's checkpoint when it hands one over (a restarted worker),
-    else from the trainer's own, then run with a progress bar on rank 0. Returns the final state.
+    else from the trainer's own, then run, rank 0 sending its progress to the driver's bar through `queue`
+    (`DriverProgress.queue`). Returns the final state.
 
     `trainer` is a `training.trainer.Trainer`."""
     import ray.train
@@ -128,13 +137,79 @@ def resume_and_run(trainer, rank: int, desc: str):
             trainer.start(resume_from=Path(directory))
     else:
         trainer.start()
-    progress = None
-    if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        progress = tqdm(total=trainer.total_steps, desc=desc)
-        progress.update(trainer.state.step)
+    progress = WorkerProgress(queue, trainer.total_steps, trainer.state.step) if rank == 0 and queue is not None else None
     state = trainer.run(progress)
     if progress is not None:
         progress.close()
     return state
+
+
+class WorkerProgress:
+    """The `update` of a tqdm bar, in a Ray Train worker: the step count goes to the driver, which draws the bar
+    once, live (a bar drawn in the worker reaches the terminal only through Ray's log forwarding, which
+    replays finished bars after later stages)."""
+
+    EVERY_S = 0.5
+
+    def __init__(self, queue, total: int, step: int):
+        self.queue, self.n, self.sent_at = queue, step, 0.0
+        self.queue.put(("start", total, step))
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.sent_at >= self.EVERY_S:
+            self._send()
+
+    def _send(self) -> None:
+        self.queue.put(("step", self.n))
+        self.sent_at = time.monotonic()
+
+    def close(self) -> None:
+        self._send()
+
+
+class DriverProgress:
+    """The driver's progress bar of a Ray Train job, fed by its workers' `WorkerProgress` through a Ray queue
+    (a zero-CPU actor, so it also works when the workers run on other nodes)."""
+
+    def __init__(self, desc: str):
+        from ray.util.queue import Queue
+
+        self.desc = desc
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        import ray
+
+        ray.kill(self.queue.actor)
+
+    def _draw(self) -> None:
+        from ray.util.queue import Empty
+        from tqdm.auto import tqdm
+
+        bar = None
+        try:
+            while not (self._stop.is_set() and self.queue.empty()):
+                try:
+                    message = self.queue.get(timeout=0.2)
+                except Empty:
+                    continue
+                if message[0] == "start":  # the first worker, or one Ray Train restarted from a checkpoint
+                    if bar is None:
+                        bar = tqdm(total=message[1], desc=self.desc, unit="step")
+                    bar.n = message[2]
+                elif bar is not None:
+                    bar.n = message[1]
+                if bar is not None:
+                    bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
