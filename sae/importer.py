@@ -46,7 +46,7 @@ ACTIVATION_SCALER = "activation_scaler.json"
 
 @dataclass
 class SaeImportConfig:
-    src: Annotated[Path, tyro.conf.Positional]
+    src: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")]
     """A SAELens folder (cfg.json + sae_weights.safetensors), a sparsify hookpoint folder (cfg.json +
     sae.safetensors, named after its hookpoint, e.g. layers.8) or a sparsify run folder holding several."""
 
