@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                          "One SAE per layer on the same tokens; the layer-selection rule applied."),
     "sae export-saelens": ("sae.export", "sae.export:SaeExportConfig", "run_export_saelens",
                            "Export an SAE to the SAELens on-disk format."),
+    "sae import": ("sae.importer", "sae.importer:SaeImportConfig", "run_sae_import",
+                   "Import a SAELens or sparsify SAE (its hook mapped to a layer) as an SAE run folder."),
     "decoder train": ("distill.job", "distill.config:DistillConfig", "run_decoder_train",
                       "Distil a decoder (SAE features → next-token distribution) to the frozen model (Ray Train)."),
     "decoder eval": ("distill.evaluate", "distill.config:DecoderEvalConfig", "run_decoder_eval",

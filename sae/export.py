@@ -36,11 +36,10 @@ from torch import Tensor
 
 from models.errors import ConfigError
 from models.io import atomic_path
-from sae.model import SparseAutoencoder
+from sae.model import SAELENS_WEIGHTS, SparseAutoencoder
 from training.layout import resolve_sae_dir
 
 SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
                 "jumprelu": "jumprelu"}
 # Recorded as metadata.sae_lens_version: configs from 6.0 on skip SAELens's pre-6 key renaming.

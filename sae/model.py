@@ -24,6 +24,9 @@ from models.io import atomic_path, load_safetensors, read_json
 from sae.config import BATCH_THRESHOLD_ARCHS, SaeConfig
 from sae.kernels import JumpReLU, JumpStep, SparseDecode, SparseEncode
 
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"  # the same name as ours: told apart by cfg.json
+
 
 class EncoderOutput(NamedTuple):
     acts_NK: Tensor
@@ -248,6 +251,9 @@ class SparseAutoencoder(nn.Module):
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Load cfg.json + sae.safetensors; unknown cfg keys are ignored."""
         directory = Path(directory)
+        if fmt := foreign_format(directory):
+            raise ConfigError(f"{directory}: a {fmt} SAE, not a faithlens one; import it first: "
+                              f"faithlens sae import {directory} --out DIR, then pass DIR")
         if not (directory / "cfg.json").is_file() or not (directory / "sae.safetensors").is_file():
             raise ConfigError(f"{directory}: not an SAE folder (expected cfg.json and sae.safetensors)")
         meta = read_json(directory / "cfg.json")
@@ -275,3 +281,24 @@ class SparseAutoencoder(nn.Module):
             raise ConfigError(f"{directory / 'sae.safetensors'}: weights do not match cfg.json ({problem})") from None
         sae.meta = meta
         return sae.eval().requires_grad_(False)
+
+
+def foreign_format(directory: Path) -> str | None:
+    """"saelens" or "sparsify" for an SAE folder another library saved (`faithlens sae import` reads it), else None.
+
+    A sparsify hookpoint folder has our file names (cfg.json + sae.safetensors); its cfg.json has no `arch`.
+    A sparsify run folder holds one such folder per hookpoint.
+    """
+    directory = Path(directory)
+    if (directory / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    candidates = [directory, *(sorted(directory.iterdir()) if directory.is_dir() else [])]
+    for folder in candidates:
+        if (folder / SPARSIFY_WEIGHTS).is_file() and (folder / "cfg.json").is_file():
+            try:
+                cfg = json.loads((folder / "cfg.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and "arch" not in cfg and ("activation" in cfg or "expansion_factor" in cfg):
+                return "sparsify"
+    return None

@@ -29,7 +29,7 @@ def test_every_command_has_help_from_its_config(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: faithlens {command}" in out
-    without_model = {"sae export-saelens": "SAELens", "compare": "held-out score", "sweep": "YAML",
+    without_model = {"sae export-saelens": "SAELens", "sae import": "--scaling-factor", "compare": "held-out score", "sweep": "YAML",
                      "ppo export": "plain decoder checkpoint", "features label": "--local-model",
                      "features score": "--simulator", "features review": "--reviewer", "features cluster": "--threshold",
                      "features explainer": "--names", "reproduce": "--plan"}
