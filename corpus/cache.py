@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from corpus.config import CacheConfig, parse_layers
 from corpus.packing import Packed, sequences
@@ -34,6 +33,7 @@ from corpus.sources import parse_sources
 from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.io import atomic_path, read_json, write_json_atomic
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def build_cache(cfg: CacheConfig, frozen: FrozenLM, progress: bool = True) -> Ac
     resumed = sum(e["sequences"] for e in done.values()) * cfg.seq_len
     if resumed:
         log.info("resuming %s: %d complete shards (%d tokens) kept", root, len(done), resumed)
-    with tqdm(total=wanted * cfg.seq_len, unit="tok", unit_scale=True, desc="cache", disable=not progress,
+    with progress_bar(total=wanted * cfg.seq_len, unit="tok", unit_scale=True, desc="cache", disable=not progress,
               initial=resumed) as bar:
         for index in range(math.ceil(wanted / shard_seqs)):
             chunk = list(islice(seq_iter, min(shard_seqs, wanted - index * shard_seqs)))

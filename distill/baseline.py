@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from corpus.config import CorpusConfig, Split, parse_layers
 from corpus.packing import sequences
@@ -19,6 +18,7 @@ from models.config import ModelConfig
 from models.frozen import FrozenLM
 from models.io import write_json_atomic, write_text_atomic
 from models.loading import load_frozen
+from models.progress import progress_bar
 
 DEFAULT_LAYERS = "3,6,9,12,15,20,25,last"
 
@@ -55,7 +55,7 @@ def measure_baseline(cfg: BaselineConfig, frozen: FrozenLM, progress: bool = Tru
     seqs = list(sequences(cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
     sums = {"ce": 0.0, "top1": 0.0, **{f"kl{L}": 0.0 for L in layers}, **{f"agree{L}": 0.0 for L in layers}}
     n_tokens, forward_s = 0, 0.0
-    for start in tqdm(range(0, len(seqs), cfg.batch_size), desc="baseline", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, len(seqs), cfg.batch_size), desc="baseline", unit="batch", disable=not progress):
         batch = seqs[start : start + cfg.batch_size]
         ids = torch.from_numpy(np.stack([p.tokens for p in batch]))
         labels = torch.from_numpy(np.stack([p.next_ids for p in batch]))

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
 from distill.heldout import HeldOut
 from distill.loss import kl_full
 from distill.student import sae_features
 from models.errors import ConfigError
+from models.progress import progress_bar
 from sae.model import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def greedy_block_ids(stack: SplicedStack, all_layers: list[int], n_blocks: int) 
     """Drop blocks greedily down to `n_blocks`; returns the kept layers and the path [{blocks, kl}, …]."""
     kept = list(all_layers)
     path = [{"blocks": list(kept), "kl": stack.kl(kept)}]
-    with tqdm(total=len(kept) - n_blocks, desc=f"choose {n_blocks} blocks", unit="block", leave=False) as bar:
+    with progress_bar(total=len(kept) - n_blocks, desc=f"choose {n_blocks} blocks", unit="block", leave=False) as bar:
         while len(kept) > n_blocks:
             kl, drop = min(stack.removal_costs(kept))
             kept.remove(drop)

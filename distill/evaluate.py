@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from corpus.cache import teacher_targets
 from corpus.packing import sequences
@@ -38,6 +37,7 @@ from models.head import FrozenHead
 from models.io import write_json_atomic, write_text_atomic
 from models.lens import TunedLens
 from models.loading import load_frozen
+from models.progress import progress_bar
 from sae.model import SparseAutoencoder
 from training.layout import decoder_dir, resolve_sae_dir
 
@@ -73,7 +73,7 @@ def score_corpus(cfg: DecoderEvalConfig, frozen: FrozenLM, layer: int, decoders:
     seqs = list(sequences(cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
     scores = Scores()
     frozen_ce = frozen_acc = 0.0
-    for start in tqdm(range(0, len(seqs), cfg.batch_size), desc=f"decoder eval ({cfg.split})", unit="batch",
+    for start in progress_bar(range(0, len(seqs), cfg.batch_size), desc=f"decoder eval ({cfg.split})", unit="batch",
                       disable=not progress):
         batch = seqs[start : start + cfg.batch_size]
         ids = torch.from_numpy(np.stack([p.tokens for p in batch]))

@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from corpus.answers import answer_kind, extract_answer, is_correct
 from corpus.packing import EVAL_SEED_OFFSET
@@ -34,6 +33,7 @@ from distill.student import sae_features
 from models.decoder import FeatureDecoder
 from models.errors import ConfigError
 from models.frozen import FrozenLM
+from models.progress import progress_bar
 
 Mode = Literal["generate", "teacher_forced"]
 SAMPLE_CHARS = 300  # long passages (BoolQ, SQuAD) are cut in the sample rows
@@ -158,7 +158,7 @@ def _generate_all(frozen: FrozenLM, reader: Reader | None, prompts: list[list[in
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
     replies: list[str] = [""] * len(prompts)
     stop_at_newline = answer_kind(suite) != "gsm8k"
-    with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(prompts), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             tokens = greedy_generate(frozen, [prompts[i] for i in chunk], max_new_tokens, stop_at_newline, reader)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from corpus.config import CorpusConfig, with_bos
 from corpus.packing import sequences
 from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.io import atomic_path
+from models.progress import progress_bar
 from training.config import pick, to_record
 
 TOKENS_FILE = "train_tokens.safetensors"
@@ -47,7 +47,7 @@ def training_tokens(cfg: CorpusConfig, frozen: FrozenLM, tokens: int, out: Path)
                 return path
     seqs = sequences(pick(cfg, CorpusConfig, split="train", tokens=positions), frozen.tokenizer, frozen.bos_token_id,
                      frozen.eos_token_id, frozen)
-    rows = [(p.tokens, p.next_ids) for p in tqdm(seqs, total=math.ceil(positions / cfg.seq_len), desc="pack training tokens",
+    rows = [(p.tokens, p.next_ids) for p in progress_bar(seqs, total=math.ceil(positions / cfg.seq_len), desc="pack training tokens",
                                                  unit="seq", leave=False)]
     table = {"tokens": torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int32)),
              "next_ids": torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int32))}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from models import progress
 from models.config import DEFAULT_MODEL
 from models.errors import ConfigError
 from models.io import read_json
@@ -132,7 +133,8 @@ class DemoConfig:
 
 
 class _Stages:
-    """The numbered progress lines, and each stage's reuse-or-run decision (`training.stages.StagePlan`)."""
+    """Each stage's numbered title, its one progress line (`models.progress.stage`) and its result line (the key
+    figure, the time, where the output went), and each stage's reuse-or-run decision (`training.stages.StagePlan`)."""
 
     def __init__(self, console: Console, total: int, layout: RunLayout):
         self.console, self.total, self.i = console, total, 0
@@ -140,18 +142,24 @@ class _Stages:
         self.plan = StagePlan({name: layout.stage(name) for name in READS}, READS,
                               say=lambda message: console.print(f"      {message}", markup=False, soft_wrap=True))
 
-    def start(self, title: str) -> float:
+    @contextlib.contextmanager
+    def stage(self, title: str, where: Path | str, figure: Callable[[], str] | None = None):
+        """Within: the stage's work, drawn on one progress line. After: '      FIGURE · done in N s → WHERE'
+        ('reused' when the body set `.reused` on what it was given); `figure` reads the stage's output."""
         self.i += 1
         self.console.rule(f"[bold][{self.i}/{self.total}] {title}", align="left")
-        return time.perf_counter()
-
-    def done(self, t: float, where: Path | str, reused: bool = False) -> None:
-        verb = "reused" if reused else f"done in {time.perf_counter() - t:.0f} s"
-        self.console.print(f"      {verb} → {where}")
+        t, result = time.perf_counter(), _StageResult()
+        with progress.stage(f"[{self.i}/{self.total}]"):
+            yield result
+        verb = "reused" if result.reused else f"done in {time.perf_counter() - t:.0f} s"
+        shown = [figure()] if figure is not None else []
+        self.console.print("      " + " · ".join([*shown, verb]) + f" → {result.where or where}", markup=False,
+                           soft_wrap=True)
 
     def reuse_or_run(self, stage: str, cfg, work: Callable[[], object], report: bool = False) -> bool:
         """Reuse `stage` if it was made with `cfg`; else run `work()` and record `cfg` beside its output.
-        What `work` prints goes to the log file (its progress bars stay), unless it is the stage's `report`."""
+        What `work` prints goes to the log file (its progress stays on the stage's line), unless it is the
+        stage's `report`."""
         wanted = to_record(cfg)
         if self.plan.reuse(stage, wanted):
             return True
@@ -160,9 +168,17 @@ class _Stages:
         self.plan.finished(stage, wanted)
         return False
 
-    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path, report: bool = False) -> None:
-        t = self.start(title)
-        self.done(t, where, self.reuse_or_run(stage, cfg, work, report))
+    def step(self, title: str, stage: str, cfg, work: Callable[[], object], where: Path,
+             figure: Callable[[], str] | None = None, report: bool = False) -> None:
+        with self.stage(title, where, figure) as result:
+            result.reused = self.reuse_or_run(stage, cfg, work, report)
+
+
+@dataclass
+class _StageResult:
+    reused: bool = False
+    where: str = ""
+    """Set by a stage whose output's description is known only after it ran."""
 
 
 class _RaySession:
@@ -205,15 +221,16 @@ def run_demo(cfg: DemoConfig) -> None:
     if (line := logs.announce()) is not None:
         console.print(line, markup=False, soft_wrap=True)
 
-    t = stages.start(f"load {cfg.model}")
     cache_cfg = CacheConfig(model=cfg.model, data=cfg.data, layers=str(cfg.layer), tokens=cfg.cache_tokens, out=layout.cache)
-    frozen = load_frozen(cache_cfg)
-    console.print(f"      {frozen.n_layers} blocks, d_model {frozen.d_model}, vocabulary {frozen.vocab_size:,}, {frozen.dtype}")
-    stages.done(t, frozen.name)
+    with stages.stage(f"load {cfg.model}", cfg.model) as result, logs.to_log_file():
+        frozen = load_frozen(cache_cfg)
+        result.where = (f"{frozen.name}: {frozen.n_layers} blocks, d_model {frozen.d_model}, vocabulary "
+                        f"{frozen.vocab_size:,}, {str(frozen.dtype).removeprefix('torch.')}")
 
-    t = stages.start(f"corpus {cfg.data} → activation/teacher cache at layer {cfg.layer}")
-    cache = build_cache(cache_cfg, frozen)  # reused by its own key (what produced it)
-    stages.done(t, f"{cache.root} ({cache.tokens:,} tokens, {cache.size_bytes() / 2**20:.1f} MiB)")
+    with stages.stage(f"corpus {cfg.data} → activation/teacher cache at layer {cfg.layer}", layout.cache) as result:
+        with logs.to_log_file():
+            cache = build_cache(cache_cfg, frozen)  # reused by its own key (what produced it)
+        result.where = f"{cache.root} ({cache.tokens:,} tokens, {cache.size_bytes() / 2**20:.1f} MiB)"
 
     baseline_cfg = BaselineConfig(model=cfg.model, data=cfg.data, tokens=cfg.baseline_tokens)
 
@@ -226,7 +243,7 @@ def run_demo(cfg: DemoConfig) -> None:
         write_text_atomic(layout.baseline_md, baseline_markdown(result) + "\n")
 
     stages.step("layer baselines on the held-out split", "baseline", baseline_cfg, baseline,
-                layout.baseline_json)
+                layout.baseline_json, lambda: _baseline_figure(layout, cfg.layer))
 
     # the Ray and RLlib stacks load slowly: each stage imports its command only when it runs
     sae_cfg = SaeTrainConfig(model=cfg.model, data=cfg.data, layer=cfg.layer, arch="topk", latents=cfg.sae_latents,
@@ -240,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> None:
         train_and_evaluate(sae_cfg, cache, frozen)  # passes over the demo's cache: no second forward pass
 
     stages.step(f"TopK SAE on layer {cfg.layer}, {sae_cfg.tokens:,} tokens = {cfg.sae_passes} passes over the cache "
-                "(Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root)
+                "(Ray Train job)", "sae", sae_cfg, sae, layout.sae_run.root, lambda: _sae_figure(layout))
 
     n_layers = cfg.decoder_layers or frozen.n_layers - cfg.layer
     distill_cfg = DistillConfig(model=cfg.model, data=cfg.data, sae=layout.sae_run.root, arch=cfg.decoder_arch,
@@ -256,7 +273,7 @@ def run_demo(cfg: DemoConfig) -> None:
 
     what = f"{cfg.decoder_arch} decoder" + (f" ({n_layers} blocks)" if cfg.decoder_arch == "context" else "")
     stages.step(f"{what} distilled to the frozen model, {cfg.distill_tokens:,} tokens (Ray Train job)", "distill",
-                distill_cfg, distill, layout.distill.decoder)
+                distill_cfg, distill, layout.distill.decoder, lambda: _distill_figure(layout))
 
     ppo_cfg = PpoConfig(decoder=layout.distill.root, out=layout.ppo.root, cache=str(cache.root), steps=cfg.ppo_steps,
                         train_batch=512, minibatch_size=128, lr=1e-4, eval_every=2, eval_tokens=1024, task_examples=4, anchor_kl="10",
@@ -268,9 +285,11 @@ def run_demo(cfg: DemoConfig) -> None:
         ray_session()
         run_ppo(ppo_cfg)
 
-    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib, anchored to the frozen model)", "ppo", ppo_cfg, ppo, layout.ppo.decoder)
+    stages.step(f"short PPO phase ({cfg.ppo_steps:,} steps, RLlib, anchored to the frozen model)", "ppo", ppo_cfg, ppo,
+                layout.ppo.decoder, lambda: _ppo_figure(layout))
 
-    ray_session.stop()
+    with logs.to_log_file():
+        ray_session.stop()
     _interpret_stages(cfg, layout, frozen, stages)
     console.rule(f"[bold]demo finished in {time.perf_counter() - stages.t0:.0f} s · outputs in {layout.root}")
 
@@ -293,7 +312,7 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
         write_json_atomic(run.importance, compute_importance(importance_cfg, components()))
 
     stages.step("feature importance (attribution patching, checked by ablation)", "importance",
-                importance_cfg, importance, run.importance)
+                importance_cfg, importance, run.importance, lambda: _importance_figure(run))
 
     evidence_cfg = EvidenceConfig(run=out, model=cfg.model, data=cfg.data, split="train", tokens=cfg.cache_tokens // 2,
                                   seq_len=128)
@@ -304,11 +323,9 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
         save_evidence(run, *build_evidence(evidence_cfg, components()))
 
     stages.step("feature evidence (top contexts, quantiles, density, promoted tokens)", "evidence",
-                evidence_cfg, evidence, run.evidence)
+                evidence_cfg, evidence, run.evidence, lambda: _evidence_figure(run))
 
     labeller = resolve_labeller(cfg.labeller, cfg.model)
-    t = stages.start(f"labels by {labeller} for a random sample of {cfg.label_sample} live features and the "
-                     f"{cfg.label_top} most important (statistics labels for all), scored on held-out contexts")
     # the stats labels use the same settings as the local model's, which the record holds
     label_cfg = LabelConfig(run=out, sample=cfg.label_sample, top=cfg.label_top, backend="local", local_model=labeller)
     score_cfg = ScoreConfig(run=out, labels="local", n_examples=cfg.score_examples, n_calibration=3,
@@ -326,9 +343,11 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
         run_score(score_cfg, simulator=local())
 
-    reused = stages.reuse_or_run("labels", label_cfg, labels)
-    reused = stages.reuse_or_run("scores", score_cfg, scores) and reused
-    stages.done(t, run.scores, reused)
+    with stages.stage(f"labels by {labeller} for a random sample of {cfg.label_sample} live features and the "
+                      f"{cfg.label_top} most important (statistics labels for all), scored on held-out contexts",
+                      run.scores, lambda: _label_figure(run, score_cfg.labels)) as result:
+        result.reused = stages.reuse_or_run("labels", label_cfg, labels)
+        result.reused = stages.reuse_or_run("scores", score_cfg, scores) and result.reused
 
     explain_cfg = ExplainConfig(text=cfg.explain, run=out, model=cfg.model, html=run.explain_html, chat=True)
 
@@ -339,16 +358,15 @@ def _interpret_stages(cfg: DemoConfig, run: RunLayout, frozen, stages: _Stages) 
 
     stages.step(f"explain {cfg.explain!r}", "explain", explain_cfg, explain, run.explain_html, report=True)
 
-    t = stages.start("eval table")
     from interpret.eval_records import EvalReport
     from interpret.report import print_table, run_eval
 
     eval_cfg = EvalConfig(run=out, model=cfg.model, data=cfg.data, ood=cfg.ood, tokens=cfg.eval_tokens,
                           task_examples=cfg.task_examples, ppo=run.ppo.root)
-    reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg), report=True)
-    if reused:
+    with stages.stage("eval table", run.eval.root) as result:
+        result.reused = stages.reuse_or_run("eval", eval_cfg, lambda: run_eval(eval_cfg), report=True)
+    if result.reused:
         print_table(EvalReport.from_json(read_json(run.eval_json)), stages.console)
-    stages.done(t, run.eval.root, reused)
 
     stages.console.print(f"[bold]HTML dashboard: {run.explain_html}")
     _say_what_was_shortened(cfg, stages.console)
@@ -386,3 +404,52 @@ def _local_labeler(model):
     from interpret.labelers import LocalLabeler
 
     return LocalLabeler(model, batch_size=16)
+
+
+# -- each stage's key figure, read from what it wrote (so a reused stage shows it too) -----------------------------
+def _baseline_figure(layout: RunLayout, layer: int) -> str:
+    result = read_json(layout.baseline_json)
+    lens = next((row for row in result["layers"] if row["layer"] == layer), None)
+    frozen = f"frozen model top-1 {result['frozen']['top1_acc']:.1%} on {result['tokens']:,} tokens"
+    return frozen + (f" · logit lens at layer {layer}: KL {lens['logit_lens_kl']:.2f}" if lens else "")
+
+
+def _sae_figure(layout: RunLayout) -> str:
+    m = read_json(layout.sae_run.metrics)
+    window = f"{m['dead_window_tokens']:,}-token window" + (", too short to call a feature dead" if m.get("dead_window_short") else "")
+    return (f"explained variance {m['explained_variance']:.3f} (design: > 0.95) · L0 {m['l0']:.0f} · "
+            f"dead {m['dead_frac']:.1%} ({window})")
+
+
+def _distill_figure(layout: RunLayout) -> str:
+    m = read_json(layout.distill.metrics)
+    end = m["curve"][-1]
+    return f"held-out KL {end['kl']:.3f} (design: < 0.5) · top-1 {end['top1']:.1%} on {m['curve_tokens']:,} tokens"
+
+
+def _ppo_figure(layout: RunLayout) -> str:
+    m = read_json(layout.ppo.metrics)
+    before, after = m["before"], m["after"]
+    return (f"held-out KL {before['kl']:.3f} → {after['kl']:.3f} · top-10 share {before['top10_share']:.1%} → "
+            f"{after['top10_share']:.1%}")
+
+
+def _importance_figure(run: RunLayout) -> str:
+    m = read_json(run.importance)
+    check = m["validation"]["decoder"]["spearman"]
+    return (f"top-10 share {m['top10_share']:.1%} of |attribution| per prediction (design: ≥ 30%) · Spearman with "
+            f"exact ablation {check:.2f} (top {m['validation']['features']})")
+
+
+def _evidence_figure(run: RunLayout) -> str:
+    m = read_json(run.evidence)
+    return f"{m['live']:,} of {m['num_latents']:,} features fire in {m['tokens']:,} tokens ({m['dense']:,} dense)"
+
+
+def _label_figure(run: RunLayout, backend: str) -> str:
+    scores = read_json(run.scores)
+    sample = scores["summary"][backend]["sample"]
+    low, high = sample["verified_ci95"]
+    return (f"verified {sample['verified']}/{sample['n']} of the random sample [{low:.0%}, {high:.0%}] (design: > 85%; "
+            f"a label with no signal passes with probability {scores['chance_rate']:.1%}, shuffled labels "
+            f"{sample['control_verified_frac']:.0%})")

@@ -26,7 +26,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from corpus.packing import sequences
 from interpret.components import Components, load_components
@@ -34,6 +33,7 @@ from interpret.config import EvidenceConfig
 from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
 from models.io import atomic_path, load_safetensors, read_json, write_json_atomic
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
     F_ = comp.sae.cfg.num_latents
     scan = _Scan(F_, cfg, cfg.seed)
     codes_idx, codes_val = [], []
-    for start in tqdm(range(0, S, cfg.batch_size), desc="evidence scan", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, S, cfg.batch_size), desc="evidence scan", unit="batch", disable=not progress):
         ids = tokens_ST[start : start + cfg.batch_size]
         h = comp.frozen.residuals(ids, [comp.layer])[comp.layer]
         indices, values = comp.features(h)
@@ -115,7 +115,7 @@ def build_evidence(cfg: EvidenceConfig, comp: Components, progress: bool = True)
                "pool": pool}
     window_max_PF = _window_max(tensors, pool, cfg.context, F_)
     features = {}
-    for f in tqdm(live, desc="evidence examples", unit="feature", disable=not progress):
+    for f in progress_bar(live, desc="evidence examples", unit="feature", disable=not progress):
         top = [int(p) for v, p in zip(scan.top_val[f].tolist(), scan.top_pos[f].tolist()) if p >= 0 and v > 0]
         res = scan.res_pos[f][scan.res_pos[f] >= 0]
         res_vals = _acts_at(tensors, res, f)

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from interpret.config import ExplainerConfig
 from interpret.run import InterpretRun
 from models.io import atomic_path, load_safetensors, read_json, write_json_atomic
+from models.progress import progress_bar
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD, BOS, EOS, UNK = range(4)
@@ -151,7 +151,7 @@ def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: Interpret
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     losses = []
-    for step in tqdm(range(cfg.steps), desc="explainer", unit="step", disable=not progress):
+    for step in progress_bar(range(cfg.steps), desc="explainer", unit="step", disable=not progress):
         b = train[torch.randint(len(train), (cfg.batch_size,))]
         logits = model(indices[b], values[b], target[b, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), target[b, 1:].flatten(), ignore_index=PAD)

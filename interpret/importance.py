@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from corpus.packing import sequences
 from interpret.attribution import (
@@ -36,6 +35,7 @@ from interpret.components import Components, load_components
 from interpret.config import ImportanceConfig
 from interpret.run import InterpretRun
 from models.io import write_json_atomic
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _validate(comp: Components, batch: _Batch, top_ids: list[int], cfg: Importan
                 * batch.weight).sum().item()
         effect = np.array([base - (objective(comp.decoder_logits(batch.indices, ablate(batch.indices, batch.values, [f])),
                                              batch.targets, cfg.target, batch.teacher) * batch.weight).sum().item()
-                           for f in tqdm(top_ids, desc="ablation (decoder)", unit="feature", leave=False)])
+                           for f in progress_bar(top_ids, desc="ablation (decoder)", unit="feature", leave=False)])
     out = {"features": len(top_ids), "tokens": int(batch.weight.sum().item()),
            "decoder": {"spearman": spearman(est, effect), "spearman_abs": spearman(np.abs(est), np.abs(effect)),
                        "attribution": est.tolist(), "ablation": effect.tolist()}}
@@ -109,7 +109,7 @@ def _validate(comp: Components, batch: _Batch, top_ids: list[int], cfg: Importan
                 return (objective(logits, frozen_targets, cfg.target, batch.teacher) * batch.weight).sum().item()
             base_s = J(batch.values)
             effect_s = np.array([base_s - J(ablate(batch.indices, batch.values, [f]))
-                                 for f in tqdm(top_ids, desc="ablation (spliced)", unit="feature", leave=False)])
+                                 for f in progress_bar(top_ids, desc="ablation (spliced)", unit="feature", leave=False)])
         out["spliced"] = {"spearman": spearman(est_s, effect_s), "spearman_abs": spearman(np.abs(est_s), np.abs(effect_s)),
                           "attribution": est_s.tolist(), "ablation": effect_s.tolist()}
     return out
@@ -127,7 +127,7 @@ def compute_importance(cfg: ImportanceConfig, comp: Components, progress: bool =
     rng = random.Random(cfg.seed)
     n_batches = (len(seqs) + cfg.batch_size - 1) // cfg.batch_size
     first = None
-    for i in tqdm(range(n_batches), desc="attribution", unit="batch", disable=not progress):
+    for i in progress_bar(range(n_batches), desc="attribution", unit="batch", disable=not progress):
         ids = torch.from_numpy(np.stack(seqs[i * cfg.batch_size : (i + 1) * cfg.batch_size])).long()
         splice_now = cfg.spliced and n_spliced < cfg.spliced_tokens
         batch = _Batch(comp, ids, cfg.target, need_teacher or splice_now)

@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 
 from interpret.coverage import Selection, live_density, select
 from interpret.label_config import SCORE_KEYS, LabelConfig
@@ -35,6 +34,7 @@ from interpret.labelers import PROMPT_VERSION, Labeler, make_labeler
 from interpret.records import Example, FeatureEvidence, ShownLabel
 from interpret.run import InterpretRun
 from models.io import read_json, write_json_atomic
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def _label_misses(labeler: Labeler, misses: list[int], evidence: Mapping[int, Fe
     # the cache is saved every CACHE_SAVE_S and at the end, so an interrupted run keeps (nearly) all it labelled
     # without rewriting a cache of thousands of stats labels after every batch
     saved = time.monotonic()
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"labelling ({labeler.name})", total=len(misses))
+    with progress_bar(desc=f"labelling ({labeler.name})", total=len(misses), unit="feature", leave=False) as shown:
         for i in range(0, len(misses), batch_size):
             chunk = [evidence[fid] for fid in misses[i:i + batch_size]]
             labels = labeler.label(chunk)
@@ -176,7 +175,7 @@ def _label_misses(labeler: Labeler, misses: list[int], evidence: Mapping[int, Fe
             if time.monotonic() - saved >= CACHE_SAVE_S or i + batch_size >= len(misses):
                 write_json_atomic(run.label_cache, cache)
                 saved = time.monotonic()
-            progress.advance(task, len(chunk))
+            shown.update(len(chunk))
 
 
 def _evidence_summary(ev: FeatureEvidence, examples: int) -> dict:

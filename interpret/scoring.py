@@ -50,7 +50,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from interpret.coverage import Selection, load_selection
 from interpret.label_config import SCORER_KEYS, ScoreConfig
@@ -72,6 +71,7 @@ from interpret.score_stats import (  # noqa: F401
 from interpret.score_summary import CONTROL_QUANTILE, summarise, summary_table
 from models.errors import ConfigError
 from models.io import read_json, write_json_atomic
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,7 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
         write_json_atomic(run.scores, result)
         return result
 
-    with Progress(transient=True) as progress:
-        task = progress.add_task("scoring labels", total=len(todo))
+    with progress_bar(desc="scoring labels", total=len(todo), unit="label", leave=False) as shown:
         built: dict[int, FeatureEvidence] = {}
         for i, (fid, backend, rec) in enumerate(todo, 1):
             if fid not in built:
@@ -249,7 +248,7 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
             ctx = held_out_contexts(built[fid], examples_shown(rec, built[fid]), cfg.n_examples, cfg.n_calibration, rng)
             row = score_label(ctx, rec["label"], controls.get((fid, backend)), scorers, rng, simulator, embedder)
             features.setdefault(str(fid), {})[backend] = {"label": rec["label"], **row}
-            progress.advance(task)
+            shown.update(1)
             if i % 20 == 0:  # a killed run keeps what it scored; a rerun continues from here
                 save()
     result = save()

@@ -20,6 +20,7 @@ from models.errors import ConfigError
 from models.frozen import FrozenLM
 from models.io import atomic_path, cache_root
 from models.placement import dispatch_kwargs
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,18 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path, save_dtype: torch.dtype = torch.float32) -> None:
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _route_transformers_logs()
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers draws its own tqdm bar over the tensors; it goes through ours, so a pipeline stage keeps one line
+    with mock.patch.object(gguf_utils, "tqdm", lambda tensors, desc="": progress_bar(tensors, desc="dequantise GGUF",
+                                                                                      unit="tensor", leave=False)):
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model; a model rebuilt from the
     # config (without its quantization_config) takes the state dict and saves normally.
     config = gguf_model.config
@@ -213,11 +221,19 @@ def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path, save_dtype: t
     log.info("cached %s in %.1f s", target, time.perf_counter() - t0)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, placement: dict | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _route_transformers_logs() -> None:
+    """transformers' records go to the root logger (the command's log file; the terminal with --verbose) instead of
+    its own stderr handler, and its progress bars (loading, saving shards: under a second here) are off."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a local load takes under a second; its bar is noise
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, placement: dict | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _route_transformers_logs()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **(placement or {}))
     model.eval().requires_grad_(False)

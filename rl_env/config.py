@@ -33,7 +33,9 @@ class RewardConfig:
     """Mean features needed for half the attribution above which β is raised (×1.25 per check, at most ×4)."""
 
     random_reward: bool = False
-    """Replace every reward by N(0, 1) noise (the baseline that shows the reward means something)."""
+    """Replace every reward by N(0, 1) noise (the baseline that shows the reward means something). The entropy reward
+    and the attribution-share term are part of the objective and go with it; the forward-KL anchor is the learner's
+    regulariser and stays, so the twin differs from its run in the reward alone."""
 
     anchor_kl: str = "0"
     """λ of the forward-KL anchor λ·KL(p_frozen ‖ π) in the PPO loss, over every position of the train batch:

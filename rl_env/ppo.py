@@ -348,7 +348,8 @@ def per_phase(history: list[dict], after: dict) -> list[dict]:
 
 def run_ppo(cfg: PpoConfig) -> dict:
     import ray
-    from tqdm.auto import tqdm
+
+    from models.progress import progress_bar
 
     cfg = resolve(cfg)
     corpus = check_inputs(cfg)
@@ -364,7 +365,7 @@ def run_ppo(cfg: PpoConfig) -> dict:
         try:
             trial.start(resume_from=RunLayout(out).rllib_checkpoint)
             label = f"ppo {cfg.env}{' (random reward)' if cfg.random_reward else ''}"
-            with tqdm(total=cfg.steps, initial=min(trial.env_steps, cfg.steps), desc=label, unit="step") as progress:
+            with progress_bar(total=cfg.steps, initial=min(trial.env_steps, cfg.steps), desc=label, unit="step") as progress:
                 while not trial.done:
                     row = trial.step()
                     progress.update(min(row["env_steps"], cfg.steps) - progress.n)

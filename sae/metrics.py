@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from tqdm.auto import tqdm
 
 from corpus.config import CorpusConfig, Split
 from corpus.packing import sequences
@@ -25,6 +24,7 @@ from models.config import ModelConfig
 from models.frozen import FrozenLM
 from models.io import write_json_atomic
 from models.loading import load_frozen
+from models.progress import progress_bar
 from sae.model import SparseAutoencoder
 from training.layout import resolve_sae_dir
 
@@ -191,7 +191,7 @@ def evaluate_sae(sae: SparseAutoencoder, frozen: FrozenLM, cfg: SaeEvalConfig, l
     sums = {"kl": 0.0, "ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0}
     n_pred = 0
     seqs = list(sequences(cfg, frozen.tokenizer, frozen.bos_token_id, frozen.eos_token_id, frozen))
-    for start in tqdm(range(0, len(seqs), cfg.batch_size), desc="sae eval", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, len(seqs), cfg.batch_size), desc="sae eval", unit="batch", disable=not progress):
         batch = seqs[start : start + cfg.batch_size]
         ids = torch.from_numpy(np.stack([p.tokens for p in batch]))
         labels = torch.from_numpy(np.stack([p.next_ids for p in batch]))[:, 1:].reshape(-1)

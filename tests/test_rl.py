@@ -459,7 +459,7 @@ def test_held_out_next_token_accuracy_scores_the_following_token(rl_setup):
     assert copying < 0.5
 
 
-def test_random_reward_baseline_sends_no_entropy_reward_and_no_anchor(rl_setup):
+def test_random_reward_baseline_sends_no_entropy_reward_or_share_term_but_keeps_the_anchor(rl_setup):
     from rl_env.token_env import TokenEngine
 
     engine = TokenEngine(_env_cfg(rl_setup, anchor_kl="1", entropy_reward=1.0), 2, frozen=rl_setup["frozen"])
@@ -468,7 +468,9 @@ def test_random_reward_baseline_sends_no_entropy_reward_and_no_anchor(rl_setup):
     noise = TokenEngine(_env_cfg(rl_setup, anchor_kl="1", entropy_reward=1.0, random_reward=True), 2,
                         frozen=rl_setup["frozen"])
     noise.reset_all(seed=0)
-    assert not noise.obs_info()["anchor_lambda"].any() and not noise.obs_info()["entropy_alpha"].any()
+    info = noise.obs_info()
+    assert not info["entropy_alpha"].any() and not info["share_beta"].any()
+    assert (info["anchor_lambda"] == 1).all()
 
 
 def test_policy_top_share_equals_the_evaluations_and_its_gradient_reaches_the_decoder(rl_setup, context_decoder,

@@ -193,7 +193,8 @@ class DriverProgress:
 
     def _draw(self) -> None:
         from ray.util.queue import Empty
-        from tqdm.auto import tqdm
+
+        from models.progress import progress_bar
 
         bar = None
         try:
@@ -204,7 +205,7 @@ class DriverProgress:
                     continue
                 if message[0] == "start":  # the first worker, or one Ray Train restarted from a checkpoint
                     if bar is None:
-                        bar = tqdm(total=message[1], desc=self.desc, unit="step")
+                        bar = progress_bar(total=message[1], desc=self.desc, unit="step")
                     bar.n = message[2]
                 elif bar is not None:
                     bar.n = message[1]
