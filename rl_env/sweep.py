@@ -62,6 +62,10 @@ class SweepConfig:
     """Weights & Biases project: one run per trial, logged by Ray Tune's WandbLoggerCallback (off when empty;
     WANDB_MODE=offline keeps the runs on this machine)."""
 
+    set: tuple[str, ...] = ()
+    """OPTION=VALUE pairs that replace the sweep file's base options for this run (e.g. --set steps=8192 for
+    shorter trials); the experiment's trials record what they ran with."""
+
 
 @dataclass
 class CompareConfig:
@@ -75,12 +79,15 @@ class CompareConfig:
 
 
 # -- the sweep file ---------------------------------------------------------------------------------
-def load_sweep(path: Path) -> dict:
+def load_sweep(path: Path, overrides: tuple[str, ...] = ()) -> dict:
+    """The sweep file, checked, with `overrides` ('OPTION=VALUE', from --set) replacing its base options."""
     path = Path(path)
     spec = read_yaml(path, f"sweep file {path}") or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"sweep file {path}: expected a mapping of key: value, got a {type(spec).__name__}")
     spec = _expand(spec)
+    if overrides:
+        spec["base"] = {**(spec.get("base") or {}), **_overrides(overrides)}
     known = {"name", "base", "algorithm", "num_samples", "max_concurrent", "cpus_per_trial", "score", "space", "pbt", "seed"}
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -109,6 +116,20 @@ def load_sweep(path: Path) -> dict:
     if spec["algorithm"] == "optuna" and any("grid" in (d or {}) for d in (spec.get("space") or {}).values() if isinstance(d, dict)):
         raise ConfigError(f"sweep file {path}: optuna cannot search a grid domain; use choice")
     return spec
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    options = {f.name for f in fields(PpoConfig)} - {"config"}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected OPTION=VALUE (a `faithlens ppo` option), got {pair!r}")
+        if key not in options:
+            raise ConfigError(f"--set: {key!r} is not a `faithlens ppo` option")
+        out[key] = value
+    return out
 
 
 def _expand(value):
@@ -268,7 +289,7 @@ def _wandb_callbacks(wandb: dict | None) -> list:
 def run_sweep(cfg: SweepConfig) -> dict:
     import ray
 
-    spec = load_sweep(cfg.file)
+    spec = load_sweep(cfg.file, cfg.set)
     wandb = wandb_settings(cfg.wandb)
     # resolve paths before Ray starts: a job's working folder can change under the driver afterwards
     spec["base"] = _absolute(spec["base"], Path.cwd())

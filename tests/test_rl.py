@@ -282,8 +282,24 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
     (tmp_path / "c.yaml").write_text("base: {decoder: x}\nalgorithm: pbt\n")
     with pytest.raises(ConfigError, match="pbt.mutations"):
         load_sweep(tmp_path / "c.yaml")
-    for name in ("smoke", "reward_weights", "schedules_pbt"):  # the shipped files parse
+    for name in ("smoke", "reward_weights", "schedules_pbt", "anchor"):  # the shipped files parse
         load_sweep(REPO / "tune_configs" / f"{name}.yaml")
+
+
+def test_sweep_set_replaces_base_options_as_their_types_and_names_a_bad_one(tmp_path):
+    from models.errors import ConfigError
+    from rl_env.sweep import load_sweep
+
+    anchor = REPO / "tune_configs" / "anchor.yaml"
+    spec = load_sweep(anchor, ("steps=8192", "eval-every=2", "lr=3e-5"))
+    assert (spec["base"]["steps"], spec["base"]["eval_every"], spec["base"]["lr"]) == (8192, 2, 3e-5)
+    assert spec["base"]["train_batch"] == load_sweep(anchor)["base"]["train_batch"]  # the rest as in the file
+    with pytest.raises(ConfigError, match="--set: 'stepz' is not"):
+        load_sweep(anchor, ("stepz=1",))
+    with pytest.raises(ConfigError, match="--set: expected OPTION=VALUE"):
+        load_sweep(anchor, ("steps",))
+    with pytest.raises(ConfigError, match="steps"):
+        load_sweep(anchor, ("steps=many",))
 
 
 def test_policy_module_shapes_value_head_and_export_round_trip(rl_setup, tmp_path):
