@@ -135,13 +135,15 @@ def _trace_panel(expl: Explanation) -> Panel:
 
 def _interpretation_panel(expl: Explanation) -> Panel:
     table = Table(expand=True, box=None, header_style="bold")
-    for name, justify in [("#", "right"), ("feature", "right"), ("label", "left"), ("act", "right"),
+    # "peak act": its largest activation over the input (a feature carrying attribution from an earlier position
+    # may not fire at the last one)
+    for name, justify in [("#", "right"), ("feature", "right"), ("label", "left"), ("peak act", "right"),
                           ("attr", "right"), ("share", "right"), ("det. AUROC", "right")]:
         table.add_column(name, justify=justify, ratio=4 if name == "label" else None)
     for rank, f in enumerate(expl.features[:TERMINAL_FEATURES], 1):
         attr = _finite(f.attribution) or 0.0
         colour = "green" if attr >= 0 else "red"
-        table.add_row(str(rank), _e(f.id), _label(f), _num(f.activation), f"[{colour}]{attr:+.3f}[/]",
+        table.add_row(str(rank), _e(f.id), _label(f), _num(f.max_activation_in_input), f"[{colour}]{attr:+.3f}[/]",
                       _pct(f.share), _num(f.label_scores.get("detection_auroc")))
     statuses = {_status(f.label_status) for f in expl.features[:TERMINAL_FEATURES] if f.label}
     legend = [f"[dim]{_e(LABEL_STATUS_MEANINGS[s])}[/]" for s in LABEL_STATUS_MEANINGS if s in statuses]
@@ -220,12 +222,12 @@ def _feature_view(f: FeatureAttribution, max_attr: float) -> dict:
     status = _status(f.label_status) if f.label else None
     return {"id": f.id, "label": f.label or None, "status": status,
             "status_text": _status_text(status, f.label_scores.get("detection_auroc")) if status else None,
-            "status_meaning": LABEL_STATUS_MEANINGS.get(status, ""), "act": _num(f.activation),
+            "status_meaning": LABEL_STATUS_MEANINGS.get(status, ""), "act": _num(f.max_activation_in_input),
             "attr": f"{attr:+.3f}", "attr_w": f"{100 * abs(attr) / max_attr:.1f}" if max_attr > 0 else "0",
             "attr_neg": attr < 0, "share": _pct(f.share), "density": _pct_small(ctx.density if ctx else None),
             "scores": [(k, _num(v)) for k, v in f.label_scores.items()], "examples": examples,
             "promoted": [(_visible(str(t)), _num(v)) for t, v in (ctx.promoted if ctx else [])[:8]],
-            "hist": _histogram_svg(*ctx.histogram, _finite(f.activation)) if ctx else None}
+            "hist": _histogram_svg(*ctx.histogram, _finite(f.max_activation_in_input)) if ctx else None}
 
 
 def _status_text(status: str, auroc: Any) -> str:

@@ -88,7 +88,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
       <span class="fid">feature {{ f.id }}</span>
     </header>
     <div class="figures">
-      <div><span>activation</span><b>{{ f.act }}</b></div>
+      <div><span>peak activation</span><b>{{ f.act }}</b></div>
       <div><span>attribution</span><b class="{{ 'neg' if f.attr_neg else 'pos' }}">{{ f.attr }}</b></div>
       <div><span>share</span><b>{{ f.share }}</b></div>
       <div><span>density</span><b>{{ f.density }}</b></div>
