@@ -12,7 +12,7 @@ from typing import Literal
 import tyro
 
 from corpus.config import CorpusConfig, Split
-from models.config import ModelConfig
+from models.config import DEFAULT_MODEL, ModelConfig
 from models.errors import ConfigError
 
 
@@ -181,6 +181,19 @@ class ExplainerConfig(RunConfig):
     """Held-out share of the pairs, for exact-match and word-F1."""
 
     seed: int = 0
+
+    score_pairs: int = 100
+    """Held-out pairs whose generated text a simulator judges (what the text predicts: AUROC of its own position
+    against another held-out position, `explainer.simulator_auroc`); 0 = word overlap only."""
+
+    simulator_model: str = DEFAULT_MODEL
+    """The simulator reading the texts: a local instruct model (embedded:qwen2.5-coder-1.5b-instruct is the capable
+    one; the default 135M model is at chance as a simulator)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.score_pairs < 0:
+            raise ConfigError(f"--score-pairs: expected 0 or more, got {self.score_pairs}")
 
 
 @dataclass

@@ -3,13 +3,17 @@
 Pairs come from the evidence scan: at each sampled position, the target text names the labels of the
 `--names` most strongly active labelled features there ("label a; label b"). The model embeds the
 position's sparse features (an EmbeddingBag weighted by activation) into the initial state of a GRU
-that writes the text word by word. Held-out pairs measure it: exact match and word-level F1 of the
-greedy text against the target. `faithlens features explainer RUN` trains it into RUN/interpret/explainer.
+that writes the text word by word. Held-out pairs measure it two ways: by what its text predicts (a
+simulator model reads the text and judges whether it describes the marked token of its own position's context,
+against another held-out position's: `simulator_auroc`, chance 0.5, beside the same for the target texts), and by
+word overlap with the target (exact match, word F1), which only says how well it copies the labels.
+`faithlens features explainer RUN` trains it into RUN/interpret/explainer.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import asdict
 
@@ -20,7 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from interpret.config import ExplainerConfig
+from interpret.labelers import Simulator, mark_tokens
 from interpret.run import InterpretRun
+from interpret.score_stats import auroc
 from models.io import atomic_path, load_safetensors, read_json, write_json_atomic
 from models.progress import progress_bar
 
@@ -107,8 +113,9 @@ def word_f1(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str]]:
-    """(indices_NK, values_NK, texts) for positions with at least one labelled feature active."""
+def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str], Tensor]:
+    """(indices_NK, values_NK, texts, rows) for positions with at least one labelled feature active; rows index
+    the evidence scan's flattened (sequence, position) grid."""
     t = load_safetensors(run.dir / "evidence.safetensors")
     idx = t["codes.indices"].flatten(0, 1).long()
     val = t["codes.values"].flatten(0, 1).float()
@@ -123,13 +130,14 @@ def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig)
         order = strength[row].argsort(descending=True)[: cfg.names]
         names = [labels[int(idx[row, j])] for j in order.tolist() if strength[row, j] > 0]
         texts.append("; ".join(dict.fromkeys(names)))
-    return idx[chosen], val[chosen], texts
+    return idx[chosen], val[chosen], texts, chosen
 
 
-def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: InterpretRun,
-                    progress: bool = True) -> tuple[ExplanationDecoder, dict]:
+def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: InterpretRun, progress: bool = True,
+                    simulator: Simulator | None = None) -> tuple[ExplanationDecoder, dict]:
+    """The trained explanation decoder and its held-out metrics (with `simulator`: what its texts predict)."""
     torch.manual_seed(cfg.seed)
-    indices, values, texts = build_pairs(run, labels, cfg)
+    indices, values, texts, rows = build_pairs(run, labels, cfg)
     if len(texts) < 10:
         from models.errors import ConfigError
 
@@ -169,7 +177,50 @@ def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: Interpret
                "exact_match": float(np.mean([p == r for p, r in zip(preds, refs)])),
                "word_f1": float(np.mean([word_f1(p, r) for p, r in zip(preds, refs)])),
                "samples": [{"reference": r, "generated": p} for p, r in list(zip(preds, refs))[:5]]}
+    if simulator is not None and cfg.score_pairs:
+        contexts = held_out_contexts(run, rows[:n_eval])
+        metrics["simulator"] = {"model": getattr(simulator, "model_id", None), "chance": 0.5,
+                                "generated": simulator_auroc(simulator, preds, contexts, cfg.score_pairs, cfg.seed),
+                                "reference": simulator_auroc(simulator, refs, contexts, cfg.score_pairs, cfg.seed)}
     return model, metrics
+
+
+def held_out_contexts(run: InterpretRun, rows: Tensor, before: int = 12) -> list[tuple[list[str], int]]:
+    """Each row's context in the evidence scan: up to `before` tokens before its position and the position itself
+    (what the model had read there), with the position's index in that window."""
+    tokens = load_safetensors(run.dir / "evidence.safetensors")["tokens"]
+    vocab = read_json(run.evidence)["vocab"]
+    T = tokens.shape[1]
+    out = []
+    for row in rows.tolist():
+        s, p = divmod(int(row), T)
+        lo = max(0, p - before)
+        out.append(([vocab[t] for t in tokens[s, lo:p + 1].tolist()], p - lo))
+    return out
+
+
+def simulator_auroc(simulator: Simulator, texts: list[str], contexts: list[tuple[list[str], int]], n: int,
+                    seed: int) -> dict:
+    """What the texts predict: for each of the first `n` (text, context) pairs with a text, the simulator's P(the text
+    describes the marked token) on its own context, and on the context of another pair whose text differs (the
+    negative). AUROC of own against other over all of them: 1 = every text singles out its own position, 0.5 =
+    chance. {auroc, n (texts scored), own_mean, other_mean}."""
+    rng = random.Random(seed)
+    pairs = [i for i in range(min(n, len(texts))) if texts[i].strip()]
+    own, other = [], []
+    for i in progress_bar(pairs, desc="simulator judges the texts", unit="text", leave=False):
+        candidates = [j for j in range(len(texts)) if j != i and texts[j] != texts[i]]
+        if not candidates:
+            continue
+        j = rng.choice(candidates)
+        marked = [mark_tokens(tokens, [at]) for tokens, at in (contexts[i], contexts[j])]
+        p_own, p_other = simulator.judge(texts[i], marked, "fuzzing")
+        own.append(p_own)
+        other.append(p_other)
+    if not own:
+        return {"auroc": None, "n": 0, "own_mean": None, "other_mean": None}
+    return {"auroc": auroc([True] * len(own) + [False] * len(other), own + other), "n": len(own),
+            "own_mean": float(np.mean(own)), "other_mean": float(np.mean(other))}
 
 
 def run_explainer(cfg: ExplainerConfig) -> dict:
@@ -177,9 +228,20 @@ def run_explainer(cfg: ExplainerConfig) -> dict:
 
     run = InterpretRun(cfg.run)
     run.require(run.labels, "features label")
-    model, metrics = train_explainer(cfg, load_labels(run), run)
+    labels = load_labels(run)
+    simulator = None
+    if cfg.score_pairs:
+        from interpret.labelers import LocalLabeler
+
+        simulator = LocalLabeler(cfg.simulator_model)
+    model, metrics = train_explainer(cfg, labels, run, simulator=simulator)
     model.save(run.explainer)
     write_json_atomic(run.explainer.parent / "explainer_metrics.json", {**metrics, "config": {k: str(v) for k, v in asdict(cfg).items()}})
-    print(f"explanation decoder: held-out exact match {metrics['exact_match']:.3f}, word F1 {metrics['word_f1']:.3f} "
-          f"on {metrics['eval_pairs']} pairs -> {run.explainer}")
+    sim = metrics.get("simulator")
+    if sim and sim["generated"]["n"]:
+        g, r = sim["generated"], sim["reference"]
+        print(f"explanation decoder: simulator AUROC of its texts {g['auroc']:.3f} on {g['n']} held-out positions "
+              f"(own context vs another; chance 0.5; the target labels' {r['auroc']:.3f}; simulator {sim['model']})")
+    print(f"  word overlap with the target labels (how well it copies them): exact match {metrics['exact_match']:.3f}, "
+          f"word F1 {metrics['word_f1']:.3f} on {metrics['eval_pairs']} pairs -> {run.explainer}")
     return metrics

@@ -207,9 +207,34 @@ def test_explanation_decoder_learns_to_name_the_labels_of_active_features(contex
     assert metrics["eval_pairs"] == int(metrics["pairs"] * 0.1) > 100
     assert metrics["word_f1"] > 0.6, metrics["samples"]
     model.save(run.explainer)
+    scored = train_explainer(cfg, labels, run, progress=False, simulator=MarkedTokenSimulator())[1]["simulator"]
+    assert scored["chance"] == 0.5 and scored["generated"]["n"] > 50  # every held-out text judged on two contexts
+    assert 0.0 <= scored["generated"]["auroc"] <= 1.0 and 0.0 <= scored["reference"]["auroc"] <= 1.0
     again = ExplanationDecoder.load(run.explainer)
     idx, val = torch.tensor([[0, 1, 3]]), torch.tensor([[5.0, 0.0, 0.0]])
     assert again.generate(idx, val) == model.generate(idx, val)
+
+
+class MarkedTokenSimulator:
+    """Says yes exactly when the label names the marked token: a perfect simulator for labels that are tokens."""
+
+    model_id = "marked-token"
+
+    def judge(self, label, contexts, task="detection"):
+        return [1.0 if f"<<{label}>>" in c else 0.0 for c in contexts]
+
+
+def test_simulator_auroc_is_one_for_texts_that_single_out_their_position_and_at_most_chance_for_shuffled_ones():
+    from interpret.explainer import simulator_auroc
+
+    words_ = ["cat", "dog", "bird", "fish", "cow", "owl"] * 5
+    contexts = [(["the", " big", f" {w}"], 2) for w in words_]
+    right = simulator_auroc(MarkedTokenSimulator(), words_, contexts, n=30, seed=0)
+    assert right["auroc"] == 1.0 and right["n"] == 30 and right["own_mean"] == 1.0 and right["other_mean"] == 0.0
+    shuffled = words_[1:] + words_[:1]  # every text names another position's token
+    wrong = simulator_auroc(MarkedTokenSimulator(), shuffled, contexts, n=30, seed=0)
+    assert wrong["auroc"] <= 0.5 and wrong["own_mean"] == 0.0
+    assert simulator_auroc(MarkedTokenSimulator(), [""] * 3, contexts[:3], n=3, seed=0)["n"] == 0  # no text, no score
 
 
 EXPLAIN_JSON_KEYS = {
