@@ -5,18 +5,12 @@ wheel cache keeps); CI always runs this test, elsewhere it skips when the server
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from benchmarks import llama_server as llama_server_module
 from interpret.label_config import LabelConfig, ScoreConfig
 from interpret.labels import load_label_records, load_labels, run_label
 from interpret.scoring import run_score
@@ -26,55 +20,22 @@ from tests.test_scoring import word_feature
 
 
 def _server_or_skip() -> None:
-    if importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("uvicorn") is not None:
+    if llama_server_module.installed():
         return
     if os.environ.get("CI") == "true":
         pytest.fail("llama-cpp-python[server] is not installed; CI must run the real-server test (.ci/run: make server)")
     pytest.skip("llama-cpp-python[server] is not installed (make server)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """(base URL, API key) of a llama.cpp server with the embedded model, stopped after the module."""
     _server_or_skip()
-    from models.loading import EMBEDDED_MODELS, embedded_gguf
-
-    gguf = embedded_gguf("smollm2-135m-instruct", EMBEDDED_MODELS["smollm2-135m-instruct"])
-    port, key = _free_port(), "sk-local-" + secrets.token_hex(12)
+    key = "sk-local-" + secrets.token_hex(12)
+    gguf = llama_server_module.embedded_gguf_path("smollm2-135m-instruct")
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
-                                 "smollm2", "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1",
-                                 "--n_ctx", "2048", "--api_key", key], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the llama.cpp server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                request = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {key}"})
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the llama.cpp server did not answer /v1/models within 180 s: {log.read_text()[-2000:]}")
-            time.sleep(1)
+    with llama_server_module.serve(gguf, "smollm2", key, log) as url:
         yield url, key
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_labels_and_scores_through_a_real_llama_cpp_server(llama_server, tmp_path, monkeypatch):
