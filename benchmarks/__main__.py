@@ -74,6 +74,10 @@ class BenchConfig:
     label_features: int = 16
     """Features labelled in the interpretation benchmark."""
 
+    labeller_model: str = ""
+    """The local labeller and simulator of the interpretation benchmark (default: the frozen model; the capable one is
+    embedded:qwen2.5-coder-1.5b-instruct)."""
+
     stages: str = "foundation,sae,distill,rl,interpret"
     """Comma-separated stages to benchmark."""
 
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.interpret import bench_interpret
 
         results["interpret"] = bench_interpret(cfg.model, cfg.layer, cfg.latents, cfg.k, cfg.dtype, cfg.decoder,
-                                               cfg.interpret_tokens, cfg.label_features)
+                                               cfg.interpret_tokens, cfg.label_features, cfg.labeller_model)
     if cfg.json:
         print(json.dumps(results))
         return

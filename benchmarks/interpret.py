@@ -3,7 +3,9 @@
 One spawned process (its peak RSS is its own) builds a run from a random TopK SAE and a readout decoder
 (or uses --decoder), then times: attribution patching through the decoder (predictions/s) and through
 the spliced frozen model, the evidence scan (tokens/s), the statistics labeller and the local LLM
-labeller (features/s), and the local simulator's detection judgments (contexts/s).
+labeller (features/s and per minute; `--labeller-model` for another one than the frozen model, e.g.
+embedded:qwen2.5-coder-1.5b-instruct, with its load time), and the local simulator's detection judgments
+(contexts/s). The peak RSS holds the frozen model, the run and the labeller.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from benchmarks._spawn import in_child
 
 
-def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: str, tokens: int, n_label: int, tmp: str) -> dict:
+def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: str, tokens: int, n_label: int, tmp: str,
+           labeller: str = "") -> dict:
     import torch
 
     from interpret.components import load_components
@@ -53,8 +56,12 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     evidence = Evidence(meta, tensors)
     batch = [evidence[f] for f in list(evidence)[:n_label]]
     timed("label_stats_features_s", len(batch), lambda: StatsLabeler().label(batch))
-    local = LocalLabeler(frozen, batch_size=8)
+    t0 = time.perf_counter()
+    local = LocalLabeler(labeller or frozen, batch_size=8)  # --labeller-model: e.g. the capable 1.5B model
+    out["labeller"] = local.model_id
+    out["labeller_load_s"] = time.perf_counter() - t0
     labels = timed("label_local_features_s", len(batch), lambda: local.label(batch))
+    out["label_local_features_min"] = out["label_local_features_s"] * 60
     contexts = ["".join(e.tokens) for fe in batch for e in fe.top[:4]]
     timed("judge_local_contexts_s", len(contexts), lambda: local.judge(labels[0], contexts))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -75,6 +82,6 @@ def _random_run(frozen, root: Path, layer: int, latents: int, k: int) -> Path:
 
 
 def bench_interpret(model: str, layer: int, latents: int, k: int, dtype: str, decoder: str = "", tokens: int = 2048,
-                    n_label: int = 16) -> dict:
+                    n_label: int = 16, labeller: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        return in_child(_child, model, dtype, layer, latents, k, decoder, tokens, n_label, tmp)
+        return in_child(_child, model, dtype, layer, latents, k, decoder, tokens, n_label, tmp, labeller)
