@@ -20,7 +20,7 @@ from models.errors import ConfigError
 from models.io import atomic_path, read_json, write_json_atomic
 from rl_env.config import EnvConfig
 from rl_env.learner import SlimPPOLearner
-from rl_env.ppo_config import PpoConfig, PpoExportConfig
+from rl_env.ppo_config import SCORE_WEIGHTS, PpoConfig, PpoExportConfig
 from rl_env.reward import RewardSchedule, parse_phases
 from training.layout import RunLayout, decoder_dir
 from training.tracking import MetricWriter, wandb_settings
@@ -211,8 +211,6 @@ def _learner_stats(result: dict) -> dict:
     return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
 
 
-SCORE_WEIGHTS = {"kl": -1.0, "top1": 1.0, "task_acc": 1.0}
-"""The fixed-weight held-out score trials are ranked by (reward weights change the return's scale)."""
 
 
 def held_out_score(ev: dict, weights: dict | None = None) -> float:

@@ -12,6 +12,9 @@ from models.errors import ConfigError
 from rl_env.config import EnvConfig
 from training.tracking import TrackingConfig
 
+SCORE_WEIGHTS = {"kl": -1.0, "top1": 1.0, "task_acc": 1.0}
+"""The fixed-weight held-out score trials are ranked by (reward weights change the return's scale)."""
+
 
 @dataclass
 class PpoConfig(EnvConfig, TrackingConfig):

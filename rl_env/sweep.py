@@ -32,7 +32,7 @@ import tyro
 
 from models.errors import ConfigError
 from models.io import read_json, read_yaml, write_json_atomic
-from rl_env.ppo_config import PpoConfig
+from rl_env.ppo_config import SCORE_WEIGHTS, PpoConfig
 from training import logs
 from training.config import typed_options
 from training.tracking import wandb_settings
@@ -238,7 +238,6 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = "", wandb: dic
     space = {k: domain(k, v) for k, v in (spec.get("space") or {}).items()}
     param_space = {**space, "__base": spec["base"], "__score": spec.get("score") or None, "__cpus": cpus}
     if param_space["__score"] is None:
-        from rl_env.ppo import SCORE_WEIGHTS
 
         param_space["__score"] = SCORE_WEIGHTS
     search_alg = scheduler = None
@@ -338,10 +337,14 @@ def compare(experiment: Path) -> dict:
         params_path = trial_dir / "params.json"
         params = read_json(params_path) if params_path.is_file() else {}
         metrics = read_json(metrics_path, "the trial did not finish writing it; rerun the sweep to resume")
+        after, before = metrics.get("after") or {}, metrics["before"]
         trials.append({"trial": trial_dir.name, "params": {k: v for k, v in params.items() if not k.startswith("__")},
-                       "score": metrics["score"], "kl": metrics["kl"], "top1": metrics["top1"],
+                       "score": metrics["score"], "score_weights": params.get("__score") or SCORE_WEIGHTS,
+                       "kl": metrics["kl"], "top1": metrics["top1"],
                        "task_acc": metrics.get("task_acc"), "env_steps": metrics["env_steps"],
-                       "kl_before": metrics["before"]["kl"], "mean_reward": metrics["mean_rewards"]["reward"]})
+                       "kl_before": before["kl"], "mean_reward": metrics["mean_rewards"]["reward"],
+                       "next_token_acc": after.get("next_token_acc"), "next_token_acc_before": before.get("next_token_acc"),
+                       "top10_share": after.get("top10_share"), "top10_share_before": before.get("top10_share")})
     if not trials:
         raise ConfigError(f"compare: no finished trials under {experiment} (expected */ppo/metrics.json)")
     trials.sort(key=lambda t: -t["score"])
@@ -349,14 +352,25 @@ def compare(experiment: Path) -> dict:
 
 
 def compare_table(summary: dict) -> str:
-    lines = [f"Trials of {summary['experiment']}, best held-out score first (score = fixed-weight −KL + top-1 + task accuracy)",
-             "", "| rank | trial | score | KL nats/token (before → after) | top-1 | task acc | mean reward | params |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    weights = (summary["trials"][0].get("score_weights") if summary["trials"] else None) or SCORE_WEIGHTS
+    formula = " ".join(f"{'+' if w >= 0 else '−'} {abs(w):g}·{name}" for name, w in weights.items())
+    formula = formula.removeprefix("+ ").replace("− ", "−", 1) if formula.startswith("− ") else formula.removeprefix("+ ")
+    lines = [f"Trials of {summary['experiment']}, best held-out score first (score = {formula}, held-out)",
+             "", "| rank | trial | score | KL nats/token (before → after) | top-1 | next-token acc | top-10 share | task acc "
+             "| mean reward | params |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def change(t: dict, key: str) -> str:
+        before, after = t.get(f"{key}_before"), t.get(key)
+        if after is None:
+            return "—"
+        return f"{before:.1%} → {after:.1%}" if before is not None else f"{after:.1%}"
+
     for i, t in enumerate(summary["trials"], 1):
         params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
         task = f"{t['task_acc']:.1%}" if t["task_acc"] is not None else "—"
         lines.append(f"| {i} | {t['trial'][:40]} | {t['score']:.3f} | {t['kl_before']:.3f} → {t['kl']:.3f} | {t['top1']:.1%} | "
-                     f"{task} | {t['mean_reward']:.3f} | {params} |")
+                     f"{change(t, 'next_token_acc')} | {change(t, 'top10_share')} | {task} | {t['mean_reward']:.3f} | {params} |")
     return "\n".join(lines)
 
 
