@@ -36,6 +36,7 @@ from typing import Annotated
 
 import tyro
 
+from benchmarks._venv import ensure_venv
 from interpret.evidence import load_evidence
 from interpret.labelers import OpenAILabeler
 from interpret.labels import examples_shown, load_label_records
@@ -45,7 +46,6 @@ from interpret.scoring import detection_scores, fuzzing_auroc, held_out_contexts
 from models.errors import ConfigError
 from models.io import write_json_atomic
 
-TORCH = "torch==2.13.0"
 DELPHI = "eai-delphi==0.1.3"
 DELPHI_DEPS = ("transformers", "safetensors", "numpy", "httpx", "orjson", "jaxtyping", "beartype", "asyncer",
                "blobfile", "tqdm", "simple_parsing")
@@ -168,20 +168,6 @@ open(sys.argv[2], "w").write(json.dumps(out))
 '''
 
 
-def ensure_delphi_venv(venv: Path) -> Path:
-    """The python of a venv with eai-delphi (no dependencies), the CPU torch 2.13.0 and what the scorers import."""
-    python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", "import delphi, httpx, torch"], capture_output=True).returncode == 0:
-        return python
-    print(f"creating {venv} with {DELPHI} (a few minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH], check=True)  # first and pinned: a plain torch is a multi-GB CUDA build
-    subprocess.run([*pip, TORCH, *DELPHI_DEPS], check=True)
-    subprocess.run([*pip, "--no-deps", DELPHI], check=True)
-    return python
-
-
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman's ρ (Pearson correlation of the average ranks); None for fewer than 3 pairs or a constant side."""
     if len(a) < 3:
@@ -230,7 +216,8 @@ def main(cfg: DelphiCheckConfig) -> dict:
     os.environ[KEY_ENV] = "sk-local-" + secrets.token_hex(12)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        python = ensure_delphi_venv((cfg.keep_venv.resolve() if cfg.keep_venv else tmp) / ".venv-delphi")
+        venv = (cfg.keep_venv.resolve() if cfg.keep_venv else tmp) / ".venv-delphi"
+        python = ensure_venv(venv, DELPHI_DEPS, "delphi, httpx, torch", no_deps=(DELPHI,))
         gguf = llama_server.embedded_gguf_path(cfg.server_model)
         with llama_server.serve(gguf, cfg.server_model, os.environ[KEY_ENV], tmp / "server.log", n_ctx=4096) as url:
             simulator = OpenAILabeler(url, cfg.server_model, KEY_ENV, timeout_s=600.0)

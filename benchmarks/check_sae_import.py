@@ -24,13 +24,13 @@ import torch
 import tyro
 from safetensors.torch import load_file, save_file
 
+from benchmarks._venv import ensure_venv
 from sae.importer import SaeImportConfig, import_sae
 from sae.model import SparseAutoencoder
 
 RTOL = 1e-5
 D_IN, LATENTS, K, N_TOKENS = 64, 512, 16, 256
 SCALE = 0.25  # expected_average_only_in: the ActivationScaler's factor
-TORCH = "torch==2.13.0"
 
 # Runs in the sae-lens venv: argv = root folder. Saves every case under root/<case>/src, and the library's
 # own outputs (after loading the folder back with SAE.load_from_disk) as root/<case>/ref.safetensors.
@@ -143,19 +143,6 @@ class CheckConfig:
     default a temporary folder removed at the end."""
 
 
-def ensure_venv(venv: Path, package: str, module: str) -> Path:
-    """The python of a venv holding `package` and the CPU torch 2.13.0, created on first use."""
-    python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0:
-        return python
-    print(f"creating {venv} with {package} (a few minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, TORCH], check=True)  # first and pinned: a plain torch is a multi-GB CUDA build
-    subprocess.run([*pip, TORCH, package], check=True)
-    return python
-
-
 def _run_child(python: Path, code: str, root: Path) -> dict:
     script = root / f"child-{python.parent.parent.name}.py"
     script.write_text(code % {"D_IN": D_IN, "LATENTS": LATENTS, "K": K, "SCALE": SCALE})
@@ -200,8 +187,8 @@ def table(rows: list[dict], versions: dict) -> str:
 def main(cfg: CheckConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="sae-import-check-") as tmp:
         venvs = cfg.keep_venv.resolve() if cfg.keep_venv else Path(tmp)
-        saelens = ensure_venv(venvs / ".venv-saelens", "sae-lens", "sae_lens")
-        sparsify = ensure_venv(venvs / ".venv-sparsify", "eai-sparsify", "sparsify")
+        saelens = ensure_venv(venvs / ".venv-saelens", ("sae-lens",), "sae_lens")
+        sparsify = ensure_venv(venvs / ".venv-sparsify", ("eai-sparsify",), "sparsify")
         root = Path(tmp) / "cases"
         root.mkdir()
         x_ND = 2 * torch.randn(N_TOKENS, D_IN, generator=torch.Generator().manual_seed(0))

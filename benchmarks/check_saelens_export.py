@@ -26,6 +26,7 @@ import torch
 import tyro
 from safetensors.torch import load_file, save_file
 
+from benchmarks._venv import ensure_venv
 from sae.config import SaeConfig
 from sae.export import SAELENS_ARCH, export_saelens, within_width
 from sae.model import SparseAutoencoder
@@ -66,19 +67,6 @@ print(json.dumps({"sae_lens": sae_lens.__version__, "torch": torch.__version__, 
 class CheckConfig:
     keep_venv: Path = REPO / "runs" / ".venv-saelens"
     """Virtual environment with sae-lens: created if missing, reused if present."""
-
-
-def ensure_saelens_venv(venv: Path) -> Path:
-    """The python of a venv holding sae-lens (and the CPU torch 2.13.0), created on first use."""
-    python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", "import sae_lens"], capture_output=True).returncode == 0:
-        return python
-    print(f"creating {venv} with sae-lens (a few minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True)  # first and pinned: a plain torch is a multi-GB CUDA build
-    subprocess.run([*pip, "torch==2.13.0", "sae-lens"], check=True)
-    return python
 
 
 def random_sae(arch: str, g: torch.Generator) -> SparseAutoencoder:
@@ -161,7 +149,7 @@ def main(cfg: CheckConfig) -> int:
     if venv == (REPO / ".venv").resolve():
         print("--keep-venv: sae-lens must not go into faithlens's own .venv", file=sys.stderr)
         return 2
-    python = ensure_saelens_venv(venv)
+    python = ensure_venv(venv, ("sae-lens",), "sae_lens")
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="saelens-check-") as tmp:
         root = Path(tmp)
