@@ -82,7 +82,9 @@ def test_gsm8k_boolq_squad_and_generic_files(tmp_path):
     ex = load_suite(f"gsm8k:{gsm}", 3, seed=0)
     assert len(ex) == 3 and all(e.suite == "gsm8k" for e in ex)
     assert all(is_correct(str(2 + int(e.prompt.split("+ ")[1].rstrip("?"))), e.answer) for e in ex)
-    assert load_suite(f"gsm8k:{gsm}", 3, seed=0) == ex and load_suite(f"gsm8k:{gsm}", 6, seed=5) != load_suite(f"gsm8k:{gsm}", 6, seed=0)
+    assert load_suite(f"gsm8k:{gsm}", 3, seed=0) == ex
+    # the seed orders the file: two seeds give the same order of 6 with probability 1/720 (it happened), five with ~0
+    assert len({tuple(e.prompt for e in load_suite(f"gsm8k:{gsm}", 6, seed=s)) for s in range(5)}) > 1
     assert len(load_suite(f"gsm8k:{gsm}", 100, seed=0)) == 6  # n larger than the file: all of it
 
     boolq = _jsonl(tmp_path / "boolq.jsonl", [
