@@ -37,6 +37,7 @@ from typing import Annotated
 import tyro
 
 from benchmarks._venv import ensure_venv
+from interpret.coverage import load_selection
 from interpret.evidence import load_evidence
 from interpret.labelers import OpenAILabeler
 from interpret.labels import examples_shown, load_label_records
@@ -184,8 +185,8 @@ def chosen_contexts(cfg: DelphiCheckConfig) -> list[dict]:
     run = InterpretRun(cfg.run)
     records = load_label_records(run)
     evidence = load_evidence(run)
-    selection = json.loads(run.labels.read_text()).get("selection") or {}
-    order = list(dict.fromkeys([*selection.get("sample", []), *selection.get("top", [])])) or sorted(records)
+    selection = load_selection(run)
+    order = list(dict.fromkeys([*selection.sample, *selection.top])) if selection else sorted(records)
     chosen = []
     for fid in order:
         rec = records.get(int(fid), {}).get(cfg.labels)

@@ -227,9 +227,9 @@ def run_demo(cfg: DemoConfig) -> None:
         result.where = (f"{frozen.name}: {frozen.n_layers} blocks, d_model {frozen.d_model}, vocabulary "
                         f"{frozen.vocab_size:,}, {str(frozen.dtype).removeprefix('torch.')}")
 
-    with stages.stage(f"corpus {cfg.data} → activation/teacher cache at layer {cfg.layer}", layout.cache) as result:
-        with logs.to_log_file():
-            cache = build_cache(cache_cfg, frozen)  # reused by its own key (what produced it)
+    with stages.stage(f"corpus {cfg.data} → activation/teacher cache at layer {cfg.layer}", layout.cache) as result, \
+            logs.to_log_file():
+        cache = build_cache(cache_cfg, frozen)  # reused by its own key (what produced it)
         result.where = f"{cache.root} ({cache.tokens:,} tokens, {cache.size_bytes() / 2**20:.1f} MiB)"
 
     baseline_cfg = BaselineConfig(model=cfg.model, data=cfg.data, tokens=cfg.baseline_tokens)

@@ -113,10 +113,9 @@ def word_f1(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def build_pairs(run: InterpretRun, labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str], Tensor]:
-    """(indices_NK, values_NK, texts, rows) for positions with at least one labelled feature active; rows index
-    the evidence scan's flattened (sequence, position) grid."""
-    t = load_safetensors(run.dir / "evidence.safetensors")
+def build_pairs(t: dict[str, Tensor], labels: dict[int, str], cfg: ExplainerConfig) -> tuple[Tensor, Tensor, list[str], Tensor]:
+    """(indices_NK, values_NK, texts, rows) for positions of the evidence scan's tensors `t` with at least one
+    labelled feature active; rows index its flattened (sequence, position) grid."""
     idx = t["codes.indices"].flatten(0, 1).long()
     val = t["codes.values"].flatten(0, 1).float()
     labelled = torch.zeros(int(idx.max()) + 1 if len(labels) == 0 else max(int(idx.max()), max(labels)) + 1, dtype=torch.bool)
@@ -137,7 +136,8 @@ def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: Interpret
                     simulator: Simulator | None = None) -> tuple[ExplanationDecoder, dict]:
     """The trained explanation decoder and its held-out metrics (with `simulator`: what its texts predict)."""
     torch.manual_seed(cfg.seed)
-    indices, values, texts, rows = build_pairs(run, labels, cfg)
+    evidence = load_safetensors(run.dir / "evidence.safetensors")
+    indices, values, texts, rows = build_pairs(evidence, labels, cfg)
     if len(texts) < 10:
         from models.errors import ConfigError
 
@@ -178,18 +178,16 @@ def train_explainer(cfg: ExplainerConfig, labels: dict[int, str], run: Interpret
                "word_f1": float(np.mean([word_f1(p, r) for p, r in zip(preds, refs)])),
                "samples": [{"reference": r, "generated": p} for p, r in list(zip(preds, refs))[:5]]}
     if simulator is not None and cfg.score_pairs:
-        contexts = held_out_contexts(run, rows[:n_eval])
+        contexts = position_contexts(evidence["tokens"], read_json(run.evidence)["vocab"], rows[:n_eval])
         metrics["simulator"] = {"model": getattr(simulator, "model_id", None), "chance": 0.5,
                                 "generated": simulator_auroc(simulator, preds, contexts, cfg.score_pairs, cfg.seed),
                                 "reference": simulator_auroc(simulator, refs, contexts, cfg.score_pairs, cfg.seed)}
     return model, metrics
 
 
-def held_out_contexts(run: InterpretRun, rows: Tensor, before: int = 12) -> list[tuple[list[str], int]]:
-    """Each row's context in the evidence scan: up to `before` tokens before its position and the position itself
-    (what the model had read there), with the position's index in that window."""
-    tokens = load_safetensors(run.dir / "evidence.safetensors")["tokens"]
-    vocab = read_json(run.evidence)["vocab"]
+def position_contexts(tokens: Tensor, vocab: list[str], rows: Tensor, before: int = 12) -> list[tuple[list[str], int]]:
+    """Each row's context in the evidence scan's tokens [S, T]: up to `before` tokens before its position and the
+    position itself (what the model had read there), with the position's index in that window."""
     T = tokens.shape[1]
     out = []
     for row in rows.tolist():

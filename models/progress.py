@@ -49,9 +49,6 @@ class _Loop:
     def refresh(self) -> None:
         self.stage.show(self)
 
-    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-        self.stage.bar.set_postfix_str(text, refresh=refresh)
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -101,8 +98,7 @@ class _Stage:
     def show(self, loop: _Loop) -> None:
         with _lock:
             if self.loops and self.loops[-1] is loop:
-                self.bar.n = loop.n
-                self.bar.refresh()
+                self.bar.update(loop.n - self.bar.n)  # tqdm redraws at most every mininterval, not on every step
 
     def close(self) -> None:
         self.bar.close()
@@ -120,12 +116,8 @@ def stage(title: str) -> Iterator[None]:
         current.close()
 
 
-def in_stage() -> bool:
-    return bool(_stages)
-
-
 def progress_bar(iterable: Iterable | None = None, *, desc: str = "", total: float | None = None, unit: str = "it",
-        disable: bool = False, leave: bool = True, initial: float = 0, **tqdm_kwargs):
+                 disable: bool = False, leave: bool = True, initial: float = 0, **tqdm_kwargs):
     """tqdm(iterable, desc=..., ...) on its own; inside `stage`, a loop on the stage's line."""
     if disable:
         return tqdm(iterable, total=total, disable=True)

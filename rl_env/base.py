@@ -110,8 +110,10 @@ class Engine(ABC):
         forward-KL anchor; `share_beta`: β for the learner's attribution-share term)."""
         alpha, beta, _ = self.schedule.weights(self.steps)
         anchor = self.schedule.anchor_weight(self.steps)
-        if self.cfg.random_reward:  # the objective is noise: no entropy reward or share term. The anchor stays: it is
-            alpha = beta = 0.0      # the learner's regulariser, the same in both runs, so the twins differ in reward only
+        # the random-reward twin's objective is noise: no entropy reward or share term. The anchor stays: it is the
+        # learner's regulariser, the same in both runs, so the twins differ in the reward alone
+        if self.cfg.random_reward:
+            alpha = beta = 0.0
         n = self.num_envs
         return {**self.teacher_targets(), "entropy_alpha": np.full(n, alpha, np.float32),
                 "anchor_lambda": np.full(n, anchor, np.float32), "share_beta": np.full(n, beta, np.float32)}

@@ -211,8 +211,6 @@ def _learner_stats(result: dict) -> dict:
     return {f"ppo/{k}": float(stats[k]) for k in keys if k in stats}
 
 
-
-
 def held_out_score(ev: dict, weights: dict | None = None) -> float:
     return sum(w * ev.get(k, 0.0) for k, w in (weights or SCORE_WEIGHTS).items())
 

@@ -238,7 +238,6 @@ def build_tuner(spec: dict, experiment: Path, storage_path: str = "", wandb: dic
     space = {k: domain(k, v) for k, v in (spec.get("space") or {}).items()}
     param_space = {**space, "__base": spec["base"], "__score": spec.get("score") or None, "__cpus": cpus}
     if param_space["__score"] is None:
-
         param_space["__score"] = SCORE_WEIGHTS
     search_alg = scheduler = None
     if algorithm == "optuna":
@@ -353,8 +352,7 @@ def compare(experiment: Path) -> dict:
 
 def compare_table(summary: dict) -> str:
     weights = (summary["trials"][0].get("score_weights") if summary["trials"] else None) or SCORE_WEIGHTS
-    formula = " ".join(f"{'+' if w >= 0 else '−'} {abs(w):g}·{name}" for name, w in weights.items())
-    formula = formula.removeprefix("+ ").replace("− ", "−", 1) if formula.startswith("− ") else formula.removeprefix("+ ")
+    formula = " + ".join(f"{w:g}·{name}" for name, w in weights.items())
     lines = [f"Trials of {summary['experiment']}, best held-out score first (score = {formula}, held-out)",
              "", "| rank | trial | score | KL nats/token (before → after) | top-1 | next-token acc | top-10 share | task acc "
              "| mean reward | params |",
