@@ -237,7 +237,19 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, pl
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_files_only, **(placement or {}))
     model.eval().requires_grad_(False)
+    _contiguous_head_input(model)
     return model, tokenizer
+
+
+def _contiguous_head_input(model) -> None:
+    """Make the unembedding's input contiguous. With `logits_to_keep=1` (generate's prefill, the simulator's
+    answer position) the head gets the strided view hidden[:, -1:]; torch.matmul cannot fold that [B, 1, D]
+    into one [B, D] @ [D, V] product and instead broadcasts the weight to a contiguous [B, D, V] copy. On
+    Qwen2.5-1.5B (V = 151,936, batch 8, 100 tokens) that copy was 6.5 s of a 10 s forward; with the hook the
+    forward takes 3.3 s (`benchmarks` interpret stage)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def _from_hub(model_id: str, dtype: torch.dtype, placement: dict):

