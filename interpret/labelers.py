@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -29,6 +30,12 @@ LOCAL_LABEL_PREFIX = "Common theme:"
 """Start of the local model's answer (prefilled in the assistant turn)."""
 MAX_LABEL_WORDS = 12
 """Labels are asked for in at most 8 words; longer generations are cut here."""
+PROMPT_WORDS = frozenset(
+    "a an the of and or in on language model models feature features detect detects detecting detection detector "
+    "text texts excerpt excerpts token tokens marked fire fires firing label labels common theme".split())
+"""The labelling prompt's own vocabulary: a label made of these words only names the task, not the feature."""
+RETRY_SAMPLES = 4
+"""Sampled answers tried, in order, when the local model's greedy label is empty or echoes the prompt."""
 
 
 class Labeler(Protocol):
@@ -105,15 +112,22 @@ def _judge_prompt(label: str, context: str, task: Task) -> str:
             "Are the marked tokens exactly where this feature fires? Answer Yes or No.")
 
 
+def echoes_prompt(label: str) -> bool:
+    """Whether `label` only repeats the task ("Language model feature detection"): every word in PROMPT_WORDS."""
+    words = re.findall(r"[a-z]+", label.lower())
+    return bool(words) and all(w in PROMPT_WORDS for w in words)
+
+
 def clean_label(text: str) -> str:
-    """One clean line: the first non-empty line, without a 'Label:' prefix, quotes or a final period."""
+    """One clean line: the first non-empty line, without a 'Label:' prefix, quotes or a final period; empty when
+    the answer only echoes the prompt (`echoes_prompt`)."""
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     line = re.sub(r"^(label|answer|feature)\s*[:\-]\s*", "", line, flags=re.IGNORECASE)
     line = line.strip().strip("*").strip().rstrip(".")
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`" and line[0] not in line[1:-1]:
         line = line[1:-1]  # one quoted phrase; keep quotes that delimit several
     line = line.rstrip(".").strip()
-    return " ".join(line.split()[:MAX_LABEL_WORDS])
+    return "" if echoes_prompt(line) else " ".join(line.split()[:MAX_LABEL_WORDS])
 
 
 # -- stats ------------------------------------------------------------------------------------
@@ -203,16 +217,27 @@ class LocalLabeler:
         prompts = [self._prompt(_label_prompt(ev, self.examples), "Label:", LOCAL_LABEL_PREFIX) for ev in batch]
         labels = []
         for i in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[i:i + self.batch_size])
-            out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                   pad_token_id=self.tokenizer.pad_token_id)
-            new_tokens = out[:, enc["input_ids"].shape[1]:]
-            for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-                label = clean_label(text)
-                if not label:
-                    log.warning("local labeller produced an empty label (raw output %r)", text)
-                labels.append(label or "(no label)")
-        return labels
+            labels += [clean_label(t) for t in self._generate(prompts[i:i + self.batch_size])]
+        for i, label in enumerate(labels):
+            if not label:  # greedy decoding repeats itself: retry with a few seeded samples
+                labels[i] = self._sampled_label(prompts[i], seed=zlib.crc32(prompts[i].encode()))
+        return [label or "(no label)" for label in labels]
+
+    def _generate(self, prompts: list[str], samples: int = 0) -> list[str]:
+        """Greedy continuations of `prompts`, or `samples` sampled ones of each (temperature 0.7, top-p 0.9)."""
+        enc = self._encode(prompts)
+        sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_return_sequences": samples} if samples else {"do_sample": False}
+        out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _sampled_label(self, prompt: str, seed: int) -> str:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            texts = self._generate([prompt], samples=RETRY_SAMPLES)
+        label = next((c for c in map(clean_label, texts) if c), "")
+        log.warning("local labeller: greedy answer was empty or echoed the prompt; sampled retry gave %r (raw %r)",
+                    label, texts)
+        return label
 
     @torch.no_grad()
     def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from interpret.coverage import Selection, live_density, select
 from interpret.label_config import SCORE_KEYS, LabelConfig
-from interpret.labelers import PROMPT_VERSION, Labeler, make_labeler
+from interpret.labelers import PROMPT_VERSION, Labeler, echoes_prompt, make_labeler
 from interpret.records import Example, FeatureEvidence, ShownLabel
 from interpret.run import InterpretRun
 from models.io import read_json, write_json_atomic
@@ -58,7 +58,8 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
     # examples are rebuilt on every access: one feature at a time, so that every live feature fits in memory
     summaries = {fid: _evidence_summary(all_evidence[fid], cfg.examples) for fid in ids}
     keys = {fid: cache_key(cfg.backend, model_id, cfg.examples, summaries[fid]["evidence_digest"]) for fid in ids}
-    misses = [fid for fid in ids if cfg.force or keys[fid] not in cache["entries"]]
+    misses = [fid for fid in ids if cfg.force or keys[fid] not in cache["entries"]
+              or echoes_prompt(cache["entries"][keys[fid]]["label"])]  # cached before echoes were rejected
     log.info("%d features selected, %d cached, %d to label with %s", len(ids), len(ids) - len(misses),
              len(misses), cfg.backend)
     if misses:

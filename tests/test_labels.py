@@ -177,6 +177,28 @@ def test_clean_label_keeps_one_short_line():
     assert len(clean_label("word " * 40).split()) == 12
 
 
+def test_labels_that_echo_the_prompt_are_rejected():
+    for echo in ("Language model feature detection", "Language model features.", "Label: the marked tokens"):
+        assert clean_label(echo) == ""
+    for real in ("Language names", "feature films", "Government spending"):
+        assert clean_label(real) == real
+
+
+def test_an_echoed_label_in_the_cache_is_asked_again(tmp_path):
+    run = write_evidence(tmp_path, [feature(1, "cat")])
+    answers = iter(["Language model feature detection", "cats"])
+
+    class Echo(StatsLabeler):
+        name, model_id = "local", "fake-llm"
+
+        def label(self, batch):
+            return [next(answers) for _ in batch]
+
+    run_label(LabelConfig(run=tmp_path, backend="local", top=1), labeler=Echo())
+    run_label(LabelConfig(run=tmp_path, backend="local", top=1), labeler=Echo())
+    assert load_labels(run) == {1: "cats"}
+
+
 def test_config_errors_name_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--top"):
         LabelConfig(run=tmp_path, top=-1)
@@ -215,13 +237,13 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             return
         if "JSON object" in prompt:
             n = prompt.count("### Feature")
-            content = "Sure:\n```json\n" + json.dumps({str(i): f"label {i}." for i in range(1, n + 1)}) + "\n```"
+            content = "Sure:\n```json\n" + json.dumps({str(i): f"topic {i}." for i in range(1, n + 1)}) + "\n```"
         elif "JSON list" in prompt:
             n = sum(1 for line in prompt.splitlines() if line[:1].isdigit() and ". " in line)
             content = json.dumps([1 if "cat" in line else 0 for line in prompt.splitlines()
                                   if line[:1].isdigit() and ". " in line][:n])
         else:
-            content = "Single label"
+            content = "Single topic"
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -255,7 +277,7 @@ def test_openai_backend_sends_key_only_in_header(tmp_path, fake_openai, monkeypa
     assert len(_FakeOpenAI.requests) == 2  # 3 features in batches of 2
     assert all(r["auth"] == f"Bearer {secret}" for r in _FakeOpenAI.requests)
     assert all(r["body"]["model"] == "my-model" for r in _FakeOpenAI.requests)
-    assert load_labels(run) == {1: "label 1", 2: "label 2", 3: "Single label"}  # a batch of one: plain prompt
+    assert load_labels(run) == {1: "topic 1", 2: "topic 2", 3: "Single topic"}  # a batch of one: plain prompt
     assert load_label_records(run)[1]["openai"]["model"] == "my-model"
 
     sim = OpenAILabeler(fake_openai + "/v1", "my-model", "FL_TEST_KEY")
@@ -287,7 +309,7 @@ def test_openai_backend_errors_are_clear(tmp_path, fake_openai, monkeypatch):
 def test_openai_backend_retries_a_rate_limit_then_reports_it(fake_openai, monkeypatch):
     monkeypatch.setenv("FL_KEY", "k")
     _FakeOpenAI.busy = 2
-    assert OpenAILabeler(fake_openai + "/v1", "m", "FL_KEY", max_retries=3).chat("BUSY hi") == "Single label"
+    assert OpenAILabeler(fake_openai + "/v1", "m", "FL_KEY", max_retries=3).chat("BUSY hi") == "Single topic"
     assert len(_FakeOpenAI.requests) == 3  # two 429s, then the answer
     _FakeOpenAI.busy = 5
     with pytest.raises(ConfigError, match="HTTP 429"):
@@ -395,6 +417,21 @@ def test_local_labeler_batched_matches_one_at_a_time(tiny_frozen):
     assert all(0.0 <= p <= 1.0 for p in batched)
     labels = labeler.label([feature(1, "cat"), feature(2, "dog")])
     assert len(labels) == 2 and all(label and "\n" not in label for label in labels)
+
+
+def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):
+    labeler = LocalLabeler(tiny_frozen, max_new_tokens=4)
+    calls = []
+
+    def generate(prompts, samples=0):
+        calls.append(samples)
+        if not samples:
+            return ["Language model feature detection", "Dogs"][:len(prompts)]
+        return ["Feature detection", "Cat nouns", "Cats", "x"][:samples]
+
+    monkeypatch.setattr(labeler, "_generate", generate)
+    assert labeler.label([feature(1, "cat"), feature(2, "dog")]) == ["Cat nouns", "Dogs"]
+    assert calls == [0, 4]
 
 
 # -- review ---------------------------------------------------------------------------------------
