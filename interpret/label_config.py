@@ -6,6 +6,7 @@ backends read their key at call time from the environment variable *named* by `-
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -89,6 +90,11 @@ class LabelConfig(BackendConfig):
     examples: int = 8
     """Top-activating contexts shown to the labeller per feature."""
 
+    label_set: str = ""
+    """Name of these labels in labels.json (default: the backend's name). Another name keeps a second model's
+    labels beside the first, e.g. `--backend local --local-model embedded:qwen2.5-coder-1.5b-instruct
+    --label-set qwen1.5b`; `features score --labels qwen1.5b` scores them."""
+
     force: bool = False
     """Ignore the label cache and relabel every selected feature."""
 
@@ -102,6 +108,14 @@ class LabelConfig(BackendConfig):
             raise ConfigError("--sample, --top: expected at least one feature to label, got 0 and 0")
         if self.examples < 1:
             raise ConfigError(f"--examples: expected at least 1 context per feature, got {self.examples}")
+        if self.label_set and (self.label_set == "all" or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.label_set)):
+            raise ConfigError(f"--label-set: expected a name of letters, digits, '.', '_' or '-' other than 'all', "
+                              f"got {self.label_set!r}")
+
+    @property
+    def slot(self) -> str:
+        """The key of these labels in labels.json."""
+        return self.label_set or self.backend
 
 
 @dataclass
@@ -110,8 +124,9 @@ class ScoreConfig(BackendConfig):
     the labeller never saw: detection and fuzzing AUROC by a simulator model, embedding AUROC offline; a label is
     verified when its detection AUROC ≥ 0.8 beats the same labels shuffled across features."""
 
-    labels: Literal["all", "local", "openai", "stats"] = "all"
-    """Score the labels of this backend (all: every backend's labels found in labels.json)."""
+    labels: str = "all"
+    """Score this label set: a backend's name (local, openai, stats) or a `features label --label-set` name;
+    all: every label set in labels.json."""
 
     scorers: str = ",".join(SCORERS)
     """Comma-separated scorers among detection, fuzzing, embedding."""

@@ -5,9 +5,10 @@ live features (`--sample`) and the most important ones (`--top`); the stats back
 labels every live feature. Either way the selection is recorded in labels.json, and `features score` scores
 those features only.
 
-labels.json keeps one record per (feature, backend), so labels from several backends coexist:
+labels.json keeps one record per (feature, label set), so labels from several backends and models coexist;
+a label set is named after its backend unless `--label-set` names it:
     {"selection": {"sample", "top", "live", "seed", "strata"},
-     "features": {"<id>": {"<backend>": {"label", "backend", "model", "prompt_version",
+     "features": {"<id>": {"<label set>": {"label", "backend", "model", "prompt_version",
                                           "evidence_digest", "evidence": {...}, "created"}}}}
 label_cache.json maps (backend, model, PROMPT_VERSION, examples shown, evidence digest) to a label,
 so a rerun calls the backend only for features whose evidence changed.
@@ -69,12 +70,13 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
     labels = read_json_or(run.labels, {"features": {}})
     _record_selection(labels, selection)
     for fid in ids:
-        labels["features"].setdefault(str(fid), {})[cfg.backend] = _record(
+        labels["features"].setdefault(str(fid), {})[cfg.slot] = _record(
             cache["entries"][keys[fid]], cfg, model_id, summaries[fid])
     write_json_atomic(run.labels, labels)
     write_json_atomic(config_path(run, "label"), config_json(cfg))
 
-    console.print(f"labelled {len(ids)} features with {cfg.backend} ({model_id}): "
+    named = "" if cfg.slot == cfg.backend else f" as {cfg.slot!r}"
+    console.print(f"labelled {len(ids)} features with {cfg.backend} ({model_id}){named}: "
                   f"{len(misses)} new, {len(ids) - len(misses)} from the cache")
     console.print(f"  selection  a stratified random sample of {len(selection.sample)} of {selection.live:,} live "
                   f"features (seed {selection.seed}) + the {len(selection.top)} most important")
@@ -104,10 +106,10 @@ def load_label_records(run: InterpretRun) -> dict[int, dict[str, dict]]:
 
 
 def load_labels(run: InterpretRun, prefer: tuple[str, ...] = LABEL_BACKENDS) -> dict[int, str]:
-    """The best label per feature: the first backend of `prefer` that labelled it."""
+    """The best label per feature: the first label set of `prefer` that labelled it, else of the other sets by name."""
     best = {}
     for fid, by_backend in load_label_records(run).items():
-        for backend in prefer:
+        for backend in [*prefer, *sorted(set(by_backend) - set(prefer))]:
             if backend in by_backend:
                 best[fid] = by_backend[backend]["label"]
                 break

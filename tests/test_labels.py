@@ -469,3 +469,24 @@ def test_local_labeler_on_embedded_model(embedded_frozen):
         assert label.strip() and "\n" not in label and len(label.split()) <= 12
     probs = labeler.judge(labels[0], ["I saw the cat today", "17 + 3 = 20"])
     assert len(probs) == 2 and all(0.0 <= p <= 1.0 for p in probs)
+
+
+def test_a_named_label_set_keeps_a_second_models_labels_beside_the_first(tmp_path):
+    run = write_evidence(tmp_path, [feature(1, "cat")])
+
+    class Fixed(StatsLabeler):
+        def __init__(self, name, label):
+            super().__init__()
+            self.name, self.model_id, self.answer = "local", name, label
+
+        def label(self, batch):
+            return [self.answer] * len(batch)
+
+    run_label(LabelConfig(run=tmp_path, backend="local", top=1), labeler=Fixed("small", "cats"))
+    run_label(LabelConfig(run=tmp_path, backend="local", top=1, label_set="big"), labeler=Fixed("big", "felines"))
+    records = load_label_records(run)[1]
+    assert {k: r["label"] for k, r in records.items()} == {"local": "cats", "big": "felines"}
+    assert records["big"]["backend"] == "local" and records["big"]["model"] == "big"
+    assert load_labels(run, prefer=("big",)) == {1: "felines"}
+    with pytest.raises(ConfigError, match="--label-set"):
+        LabelConfig(run=tmp_path, label_set="all")
