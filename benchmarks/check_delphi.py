@@ -43,7 +43,7 @@ from interpret.labelers import OpenAILabeler
 from interpret.labels import examples_shown, load_label_records
 from interpret.run import InterpretRun
 from interpret.score_stats import _average_ranks
-from interpret.scoring import detection_scores, fuzzing_auroc, held_out_contexts
+from interpret.scoring import fuzzing_auroc, held_out_contexts, score_detection
 from models.errors import ConfigError
 from models.io import write_json_atomic
 
@@ -225,7 +225,7 @@ def main(cfg: DelphiCheckConfig) -> dict:
             ours = {}
             for f in features:
                 rng = random.Random(f"0-{f['id']}-fuzz")
-                detection = detection_scores(simulator, f["label"], f["ctx"], calibrate=False)["detection_auroc"]
+                detection = score_detection(simulator, f["label"], f["ctx"], calibrate=False)["detection_auroc"]
                 ours[str(f["id"])] = {"detection_auroc": detection,
                                       "fuzzing_auroc": fuzzing_auroc(simulator, f["label"], f["ctx"].active, rng)}
                 print(json.dumps({"feature": f["id"], "faithlens": ours[str(f["id"])]}), flush=True)

@@ -102,14 +102,21 @@ def _label_prompt(ev: FeatureEvidence, examples: int) -> str:
     return "\n".join(lines)
 
 
+JUDGE_PROMPT_VERSION = "judge-v2"
+"""Version of the local simulator's prompt (recorded with every score): the text comes first and the label
+last, so that one forward over a text serves every label judged on it (`LocalLabeler.judge_many`)."""
+LABEL_SLOT = "\u2063label\u2063"
+"""Stands for the label while a judge prompt is split into the part before it and the part after it."""
+
+
 def _judge_prompt(label: str, context: str, task: Task) -> str:
     if task == "detection":
-        return (f"A feature of a language model is described as: {label}\n"
-                f"Text: {_one_line(context)}\n"
-                "Does the feature fire anywhere in this text? Answer Yes or No.")
-    return (f"A feature of a language model is described as: {label}\n"
-            f"In this text some tokens are marked <<like this>>: {_one_line(context)}\n"
-            "Are the marked tokens exactly where this feature fires? Answer Yes or No.")
+        head = ("Below are a text and the description of a feature of a language model. "
+                "Does the feature fire anywhere in the text? Answer Yes or No.")
+    else:
+        head = ("Below are a text in which some tokens are marked <<like this>> and the description of a feature of a "
+                "language model. Are the marked tokens exactly where the feature fires? Answer Yes or No.")
+    return f"{head}\nText: {_one_line(context)}\nFeature: {label}"
 
 
 def echoes_prompt(label: str) -> bool:
@@ -203,10 +210,11 @@ class LocalLabeler:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + chat_prefix
         return f"{user}\n{answer_prefix}"
 
-    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _encode(self, prompts: list[str], special: bool = True) -> dict[str, torch.Tensor]:
+        """Left-padded token ids and mask; `special` adds the BOS/special tokens where no chat template does."""
         self.tokenizer.padding_side = "left"  # generation and last-position logits need the prompt end aligned
         # chat templates already carry the BOS/special tokens
-        add_special = not getattr(self.tokenizer, "chat_template", None)
+        add_special = special and not getattr(self.tokenizer, "chat_template", None)
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
         device = next(self.lm.parameters()).device
         return {k: v.to(device) for k, v in enc.items()}
@@ -239,17 +247,55 @@ class LocalLabeler:
                     label, texts)
         return label
 
-    @torch.no_grad()
     def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
-        prompts = [self._prompt(_judge_prompt(label, c, task), "Answer:") for c in contexts]
-        probs: list[float] = []
-        for i in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[i:i + self.batch_size])
-            logits_BV = self.lm(**enc, logits_to_keep=1).logits[:, -1].float()  # not [B, T, V]: 151k vocab
-            yes_B = torch.logsumexp(logits_BV[:, self._yes_ids], dim=-1)
-            no_B = torch.logsumexp(logits_BV[:, self._no_ids], dim=-1)
-            probs += torch.sigmoid(yes_B - no_B).tolist()
-        return probs
+        return self.judge_many([label], contexts, task)[0]
+
+    @torch.no_grad()
+    def judge_many(self, labels: Sequence[str], contexts: Sequence[str], task: Task = "detection") -> list[list[float]]:
+        """P(yes) of every (label, context) pair, [len(labels)][len(contexts)]. The prompt puts the text before the
+        label: each text's part is run once (batch_size texts per forward) and its KV cache is shared by the label
+        parts that follow it, so k labels on a text cost one text plus k labels, not k whole prompts."""
+        probs_LC = torch.empty(len(labels), len(contexts))
+        for i in range(0, len(contexts) if labels else 0, self.batch_size):
+            chunk = contexts[i:i + self.batch_size]
+            heads, tails = zip(*(self._split_at_label(c, task) for c in chunk))
+            head = self._encode(list(heads))
+            # the label part starts at the space before the label, as the whole prompt would tokenise it
+            suffix = self._encode([f" {label}{tails[0]}" for label in labels], special=False)
+            probs_LC[:, i:i + len(chunk)] = self._p_yes_after(head, suffix).view(len(chunk), len(labels)).T
+        return probs_LC.tolist()
+
+    def _split_at_label(self, context: str, task: Task) -> tuple[str, str]:
+        """The chat-templated judge prompt as (everything before ' <label>', everything after it)."""
+        head, tail = self._prompt(_judge_prompt(LABEL_SLOT, context, task), "Answer:").rsplit(LABEL_SLOT, 1)
+        return head.removesuffix(" "), tail
+
+    def _p_yes_after(self, head: dict[str, torch.Tensor], suffix: dict[str, torch.Tensor]) -> torch.Tensor:
+        """P(yes) at the end of every head + suffix pair, row c·L + l for head c and suffix l (both left-padded)."""
+        n_heads, n_suffixes = head["input_ids"].shape[0], suffix["input_ids"].shape[0]
+        cache = self.lm(**head, position_ids=_positions(head["attention_mask"]), use_cache=True,
+                        logits_to_keep=1).cache
+        cache.batch_repeat_interleave(n_suffixes)
+        mask = torch.cat([head["attention_mask"].repeat_interleave(n_suffixes, 0),
+                          suffix["attention_mask"].repeat(n_heads, 1)], dim=1)
+        ids = suffix["input_ids"].repeat(n_heads, 1)
+        logits_BV = self.lm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
+                            position_ids=_positions(mask)[:, -ids.shape[1]:], logits_to_keep=1).logits[:, -1].float()
+        yes_B = torch.logsumexp(logits_BV[:, self._yes_ids], dim=-1)  # not [B, T, V]: a 151k vocabulary
+        no_B = torch.logsumexp(logits_BV[:, self._no_ids], dim=-1)
+        return torch.sigmoid(yes_B - no_B)
+
+
+def _positions(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip the padding of a (left- or middle-) padded attention mask."""
+    return (mask_BT.cumsum(1) - 1).clamp(min=0)
+
+
+def judge_pairs(simulator: Simulator, labels: Sequence[str], contexts: Sequence[str],
+                task: Task = "detection") -> list[list[float]]:
+    """P(yes) of every (label, context) pair: one `judge_many` call where the simulator shares work across labels."""
+    many = getattr(simulator, "judge_many", None)
+    return many(labels, contexts, task) if many else [simulator.judge(label, contexts, task) for label in labels]
 
 
 # -- OpenAI-compatible endpoint -------------------------------------------------------------------

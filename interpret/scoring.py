@@ -42,6 +42,7 @@ the random sample (`coverage.verified_share`: dense and unscored features count 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import random
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from rich.console import Console
 
 from interpret.coverage import Selection, load_selection
 from interpret.label_config import SCORER_KEYS, ScoreConfig
-from interpret.labelers import Simulator, make_labeler, mark_tokens
+from interpret.labelers import JUDGE_PROMPT_VERSION, Simulator, judge_pairs, make_labeler, mark_tokens
 from interpret.labels import config_json, config_path, examples_shown, load_label_records
 from interpret.records import Example, FeatureEvidence
 from interpret.run import InterpretRun
@@ -124,22 +125,41 @@ def fuzz_pair(ex: Example, rng: random.Random) -> tuple[str, str]:
 
 
 # -- scorers ------------------------------------------------------------------------------------------
-def detection_scores(sim: Simulator, label: str, ctx: Contexts, calibrate: bool = True) -> dict[str, float | None]:
+Judged = tuple[list[float], list[float]]
+"""A label's P(yes) on a feature's scored contexts (active then negatives) and calibration contexts."""
+
+
+def judge_detection(sim: Simulator, ctx: Contexts, labels: Sequence[str], calibrated: Sequence[str]) -> dict[str, Judged]:
+    """P(yes) of each of `labels` on the scored contexts, and of those in `calibrated` on the calibration contexts
+    too: one `judge_pairs` call per context set, so a simulator that shares a text across labels reads it once."""
+    labels = list(dict.fromkeys(labels))
+    calibrated = [label for label in dict.fromkeys(calibrated) if label in labels]
+    scored = judge_pairs(sim, labels, [ex.text for ex in ctx.active + ctx.negatives])
+    calibration_texts = [ex.text for ex in ctx.calibration_active + ctx.calibration_negatives]
+    on_calibration = judge_pairs(sim, calibrated, calibration_texts) if calibrated and calibration_texts else []
+    p_calibration = dict(zip(calibrated, on_calibration))
+    return {label: (p, p_calibration.get(label, [])) for label, p in zip(labels, scored)}
+
+
+def detection_scores(judged: Judged, ctx: Contexts, calibrate: bool = True) -> dict[str, float | None]:
     """detection_auroc on the scored contexts and, with `calibrate`, the threshold chosen on the calibration
     contexts and the balanced accuracy it gives on the scored ones (None without calibration contexts of
-    both classes); one simulator call."""
-    scored = ctx.active + ctx.negatives
-    calibration = ctx.calibration_active + ctx.calibration_negatives if calibrate else []
-    p = sim.judge(label, [ex.text for ex in scored + calibration], task="detection")
-    p_scored, p_calibration = p[:len(scored)], p[len(scored):]
+    both classes)."""
+    p_scored, p_calibration = judged
     y = [True] * len(ctx.active) + [False] * len(ctx.negatives)
     row: dict[str, float | None] = {"detection_auroc": auroc(y, p_scored)}
     if calibrate:
         y_calibration = [True] * len(ctx.calibration_active) + [False] * len(ctx.calibration_negatives)
-        t = calibrated_threshold(y_calibration, p_calibration) if 0 < sum(y_calibration) < len(y_calibration) else None
+        both = 0 < sum(y_calibration) < len(y_calibration) and len(p_calibration) == len(y_calibration)
+        t = calibrated_threshold(y_calibration, p_calibration) if both else None
         row["detection_threshold"] = t
         row["detection_balanced_acc"] = None if t is None else balanced_accuracy(y, p_scored, t)
     return row
+
+
+def score_detection(sim: Simulator, label: str, ctx: Contexts, calibrate: bool = True) -> dict[str, float | None]:
+    """`detection_scores` of one label, judged here."""
+    return detection_scores(judge_detection(sim, ctx, [label], [label] if calibrate else [])[label], ctx, calibrate)
 
 
 def fuzzing_auroc(sim: Simulator, label: str, active: list[Example], rng: random.Random) -> float:
@@ -216,7 +236,8 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     if embedder is None and "embedding" in scorers:
         embedder = Embedder()
 
-    settings = {"scorers": scorers, "simulator": {"backend": cfg.simulator, "model": getattr(simulator, "model_id", None)},
+    settings = {"scorers": scorers, "simulator": {"backend": cfg.simulator, "model": getattr(simulator, "model_id", None),
+                                                  "prompt": JUDGE_PROMPT_VERSION},
                 "n_examples": cfg.n_examples, "n_calibration": cfg.n_calibration, "seed": cfg.seed,
                 "chance_rate": chance_rate(cfg.n_examples, cfg.n_examples), "verified_auroc": VERIFIED_AUROC,
                 "control_quantile": CONTROL_QUANTILE}
@@ -240,16 +261,20 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
         return result
 
     with progress_bar(desc="scoring labels", total=len(todo), unit="label", leave=False) as shown:
-        built: dict[int, FeatureEvidence] = {}
-        for i, (fid, backend, rec) in enumerate(todo, 1):
-            if fid not in built:
-                built[fid] = evidence[fid]
-            rng = random.Random(f"{cfg.seed}-{fid}")
-            ctx = held_out_contexts(built[fid], examples_shown(rec, built[fid]), cfg.n_examples, cfg.n_calibration, rng)
-            row = score_label(ctx, rec["label"], controls.get((fid, backend)), scorers, rng, simulator, embedder)
-            features.setdefault(str(fid), {})[backend] = {"label": rec["label"], **row}
-            shown.update(1)
-            if i % 20 == 0:  # a killed run keeps what it scored; a rerun continues from here
+        for n_feature, (fid, feature_jobs) in enumerate(itertools.groupby(todo, key=lambda job: job[0]), 1):
+            ev = evidence[fid]
+            prepared = []
+            for _, backend, rec in feature_jobs:
+                rng = random.Random(f"{cfg.seed}-{fid}")
+                ctx = held_out_contexts(ev, examples_shown(rec, ev), cfg.n_examples, cfg.n_calibration, rng)
+                prepared.append((backend, rec, ctx, rng, controls.get((fid, backend))))
+            judged = _judge_feature(simulator, prepared) if "detection" in scorers else {}
+            for backend, rec, ctx, rng, control in prepared:
+                row = score_label(ctx, rec["label"], control, scorers, rng, simulator, embedder,
+                                  judged.get(_context_key(ctx), {}))
+                features.setdefault(str(fid), {})[backend] = {"label": rec["label"], **row}
+                shown.update(1)
+            if n_feature % 10 == 0:  # a killed run keeps what it scored; a rerun continues from here
                 save()
     result = save()
     write_json_atomic(config_path(run, "score"), config_json(cfg))
@@ -257,6 +282,22 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     console.print(summary_table(result["summary"], scorers, cfg.n_examples, settings["chance_rate"]))
     console.print(f"  scores  {run.scores}\n  config  {config_path(run, 'score')}")
     return result
+
+
+def _context_key(ctx: Contexts) -> tuple[str, ...]:
+    return tuple(ex.text for ex in ctx.active + ctx.negatives + ctx.calibration_active + ctx.calibration_negatives)
+
+
+def _judge_feature(simulator: Simulator, prepared: list) -> dict[tuple[str, ...], dict[str, Judged]]:
+    """One feature's detection judgments: its label sets that hold out the same contexts (label sets whose
+    labellers saw the same examples) have every label and control judged together on them."""
+    groups: dict[tuple[str, ...], tuple[Contexts, list[str], list[str]]] = {}
+    for _, rec, ctx, _, control in prepared:
+        if ctx.active and ctx.negatives:
+            _, labels, calibrated = groups.setdefault(_context_key(ctx), (ctx, [], []))
+            labels += [rec["label"]] + ([control[1]] if control else [])
+            calibrated.append(rec["label"])
+    return {key: judge_detection(simulator, ctx, labels, calibrated) for key, (ctx, labels, calibrated) in groups.items()}
 
 
 def control_labels(jobs: Sequence[Job], seed: int) -> dict[tuple[int, str], tuple[int, str]]:
@@ -300,20 +341,27 @@ def _mark_selection(features: dict[str, dict], selection: Selection | None) -> N
 
 
 def score_label(ctx: Contexts, label: str, control: tuple[int, str] | None, scorers: list[str], rng: random.Random,
-                simulator: Simulator | None, embedder: Embedder | None) -> dict:
+                simulator: Simulator | None, embedder: Embedder | None, judged: dict[str, Judged] | None = None) -> dict:
     """Every requested score of one label on `ctx` (None where a class of contexts is missing), and the
-    detection AUROC of the `control` (feature, label) on the same contexts."""
+    detection AUROC of the `control` (feature, label) on the same contexts. `judged` holds detection P(yes)
+    already computed for the label and the control (`judge_detection`); what it lacks is judged here."""
     n_pos, n_neg = len(ctx.active), len(ctx.negatives)
     row: dict = {"dense": ctx.dense, "n_active": n_pos, "n_negative": n_neg,
                  "n_calibration_active": len(ctx.calibration_active),
                  "n_calibration_negative": len(ctx.calibration_negatives),
                  "chance_rate": chance_rate(n_pos, n_neg) if n_pos and n_neg else None}
+    judged = dict(judged or {})
+    if "detection" in scorers and n_pos and n_neg:
+        missing = [label, control[1]] if control else [label]
+        missing = [m for m in missing if m not in judged]
+        if missing:
+            judged |= judge_detection(simulator, ctx, missing, [label] if label in missing else [])
     for name in scorers:
         row.update(dict.fromkeys(SCORER_KEYS[name]))
         if not n_pos or (name != "fuzzing" and not n_neg):
             log.warning("label %r: %d activating and %d non-activating contexts, %s not scored", label, n_pos, n_neg, name)
         elif name == "detection":
-            row.update(detection_scores(simulator, label, ctx))
+            row.update(detection_scores(judged[label], ctx))
         elif name == "fuzzing":
             row["fuzzing_auroc"] = fuzzing_auroc(simulator, label, ctx.active, rng)
         else:
@@ -321,5 +369,5 @@ def score_label(ctx: Contexts, label: str, control: tuple[int, str] | None, scor
     if control is not None:
         row["control"] = {"feature": control[0], "label": control[1], "detection_auroc": None}
         if row.get("detection_auroc") is not None:
-            row["control"].update(detection_scores(simulator, control[1], ctx, calibrate=False))
+            row["control"].update(detection_scores(judged[control[1]], ctx, calibrate=False))
     return row

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from interpret.label_config import LabelConfig, ReviewConfig, ScoreConfig
 from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, clean_label
@@ -16,7 +17,7 @@ from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
 from interpret.run import InterpretRun
-from interpret.scoring import Contexts, auroc, balanced_accuracy, detection_scores, fuzz_pair, fuzzing_auroc, run_score
+from interpret.scoring import Contexts, auroc, balanced_accuracy, fuzz_pair, score_detection, fuzzing_auroc, run_score
 from models.errors import ConfigError
 
 
@@ -345,7 +346,7 @@ def test_detection_score_on_a_scripted_simulator():
     negatives = [Example(["17", " cat"], [0, 0], 0), Example(["1", " +", " 2"], [0, 0, 0], 0)]
     sim = ScriptedSimulator(lambda text: 0.8 if "cat" in text else 0.1)
     # positive-negative pairs: the two cat contexts beat "1 + 2" and tie "17 cat"; "a dog" ties "1 + 2" → 3.5 / 6
-    row = detection_scores(sim, "cats", Contexts(active, negatives, [], [], dense=False))
+    row = score_detection(sim, "cats", Contexts(active, negatives, [], [], dense=False))
     assert row == {"detection_auroc": pytest.approx(7 / 12), "detection_threshold": None, "detection_balanced_acc": None}
     assert [t for t, _ in sim.seen] == ["detection"] * 5 and "<<" not in "".join(c for _, c in sim.seen)
 
@@ -417,6 +418,23 @@ def test_local_labeler_batched_matches_one_at_a_time(tiny_frozen):
     assert all(0.0 <= p <= 1.0 for p in batched)
     labels = labeler.label([feature(1, "cat"), feature(2, "dog")])
     assert len(labels) == 2 and all(label and "\n" not in label for label in labels)
+
+
+def test_judging_many_labels_on_a_shared_text_equals_judging_each_whole_prompt(tiny_frozen):
+    labeler = LocalLabeler(tiny_frozen, batch_size=2)
+    labels = ["cats", "a much longer label about dogs and birds"]
+    contexts = ["the cat", "What is 17 + 3? Answer: 20 and more words here", "a"]
+    shared = labeler.judge_many(labels, contexts)
+    tok = labeler.tokenizer
+    for i, label in enumerate(labels):
+        for j, context in enumerate(contexts):
+            head, tail = labeler._split_at_label(context, "detection")
+            ids = torch.cat([labeler._encode([head])["input_ids"][0],
+                             labeler._encode([f" {label}{tail}"], special=False)["input_ids"][0]])
+            logits = tiny_frozen.model(input_ids=ids[None]).logits[0, -1]
+            yes, no = (torch.logsumexp(logits[idx], 0) for idx in (labeler._yes_ids, labeler._no_ids))
+            assert shared[i][j] == pytest.approx(torch.sigmoid(yes - no).item(), abs=1e-5)
+    assert tok.decode(labeler._encode([head])["input_ids"][0]).endswith("Feature:")
 
 
 def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):

@@ -20,7 +20,7 @@ from interpret.scoring import (
     calibrated_threshold,
     chance_rate,
     control_labels,
-    detection_scores,
+    score_detection,
     fewest_examples,
     held_out_contexts,
     run_score,
@@ -125,7 +125,7 @@ def test_perfect_ranking_miscalibrated_simulator():
     ev = word_feature(1, "cat")
     ctx = held_out_contexts(ev, ev.top[:SHOWN], 11, 5, random.Random(0))
     sim = WordSimulator()
-    row = detection_scores(sim, "cat", ctx)
+    row = score_detection(sim, "cat", ctx)
     p = sim.judge("cat", [ex.text for ex in ctx.active + ctx.negatives])
     y = [True] * len(ctx.active) + [False] * len(ctx.negatives)
     assert min(p) > 0.5
@@ -211,3 +211,33 @@ def test_a_label_right_only_for_its_own_feature_is_verified_and_shuffled_ones_ar
     # the random sample is every live feature here: 5 verified of 7, the dense one counted unverified
     assert row.value == pytest.approx(5 / 7) and row.ci95 == pytest.approx(list(wilson_interval(5, 7)))
     assert saved_summary == result["summary"] and "1 dense" in row.note
+
+
+class SharingWordSimulator(WordSimulator):
+    """WordSimulator with judge_many: records which labels each call judged together."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[list[str], int]] = []
+
+    def judge_many(self, labels, contexts, task="detection"):
+        self.calls.append((list(labels), len(contexts)))
+        return [self.judge(label, contexts, task) for label in labels]
+
+
+def test_label_sets_of_a_feature_are_judged_together_with_the_same_scores(tmp_path):
+    words = {1: "cat", 2: "dog", 3: "bird"}
+    run = write_evidence(tmp_path, [word_feature(fid, word) for fid, word in words.items()])
+    run_label(LabelConfig(run=tmp_path, backend="local", top=3, examples=SHOWN), labeler=WordLabeler(words))
+    wrong = WordLabeler({1: "dog", 2: "bird", 3: "owl"})
+    wrong.model_id = "another-llm"  # not the first labeller's cached labels
+    run_label(LabelConfig(run=tmp_path, backend="local", top=3, examples=SHOWN, label_set="other"), labeler=wrong)
+    shared = SharingWordSimulator()
+    together = run_score(ScoreConfig(run=tmp_path, scorers="detection"), simulator=shared)
+    run.scores.unlink()
+    apart = run_score(ScoreConfig(run=tmp_path, scorers="detection"), simulator=WordSimulator())
+    assert together["features"] == apart["features"]
+    # per feature: the scored contexts once for both label sets' labels and controls, the calibration ones once
+    assert len(shared.calls) == 2 * len(words)
+    first_scored, first_calibration = shared.calls[:2]
+    assert first_scored[1] == 22 and len(first_scored[0]) >= 3 and first_calibration == (["cat", "dog"], 10)
