@@ -5,7 +5,8 @@ One spawned process (its peak RSS is its own) builds a run from a random TopK SA
 the spliced frozen model, the evidence scan (tokens/s), the statistics labeller and the local LLM
 labeller (features/s and per minute; `--labeller-model` for another one than the frozen model, e.g.
 embedded:qwen2.5-coder-1.5b-instruct, with its load time), and the local simulator's detection judgments
-(contexts/s). The peak RSS holds the frozen model, the run and the labeller.
+(contexts/s: one label; pairs/s: SHARED_LABELS labels on each text, as `features score` judges three label sets and
+their controls). The peak RSS holds the frozen model, the run and the labeller.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 from benchmarks._spawn import in_child
+
+SHARED_LABELS = 6
 
 
 def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: str, tokens: int, n_label: int, tmp: str,
@@ -64,6 +67,9 @@ def _child(model: str, dtype: str, layer: int, latents: int, k: int, decoder: st
     out["label_local_features_min"] = out["label_local_features_s"] * 60
     contexts = ["".join(e.tokens) for fe in batch for e in fe.top[:4]]
     timed("judge_local_contexts_s", len(contexts), lambda: local.judge(labels[0], contexts))
+    # `features score`'s load: three label sets and their shuffled controls on each text, the text read once
+    shared = (labels * SHARED_LABELS)[:SHARED_LABELS]
+    timed("judge_local_shared_pairs_s", len(contexts) * len(shared), lambda: local.judge_many(shared, contexts))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -35,7 +35,8 @@ PROMPT_WORDS = frozenset(
     "text texts excerpt excerpts token tokens marked fire fires firing label labels common theme".split())
 """The labelling prompt's own vocabulary: a label made of these words only names the task, not the feature."""
 RETRY_SAMPLES = 4
-"""Sampled answers tried, in order, when the local model's greedy label is empty or echoes the prompt."""
+"""Sampled answers drawn when the local model's greedy label is empty or echoes the prompt; the one with the
+smallest share of prompt words is kept."""
 
 
 class Labeler(Protocol):
@@ -119,10 +120,15 @@ def _judge_prompt(label: str, context: str, task: Task) -> str:
     return f"{head}\nText: {_one_line(context)}\nFeature: {label}"
 
 
+def prompt_word_share(label: str) -> float:
+    """The share of `label`'s words that are the prompt's own (PROMPT_WORDS); 1.0 for a label without words."""
+    words = re.findall(r"[a-z]+", label.lower())
+    return sum(w in PROMPT_WORDS for w in words) / len(words) if words else 1.0
+
+
 def echoes_prompt(label: str) -> bool:
     """Whether `label` only repeats the task ("Language model feature detection"): every word in PROMPT_WORDS."""
-    words = re.findall(r"[a-z]+", label.lower())
-    return bool(words) and all(w in PROMPT_WORDS for w in words)
+    return bool(re.search(r"[a-z]", label.lower())) and prompt_word_share(label) == 1.0
 
 
 def clean_label(text: str) -> str:
@@ -242,8 +248,9 @@ class LocalLabeler:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             texts = self._generate([prompt], samples=RETRY_SAMPLES)
-        label = next((c for c in map(clean_label, texts) if c), "")
-        log.warning("local labeller: greedy answer was empty or echoed the prompt; sampled retry gave %r (raw %r)",
+        candidates = [c for c in map(clean_label, texts) if c]
+        label = min(candidates, key=prompt_word_share, default="")  # the one that least repeats the task
+        log.info("local labeller: greedy answer was empty or echoed the prompt; sampled retry gave %r (raw %r)",
                     label, texts)
         return label
 

@@ -30,7 +30,8 @@ def test_benchmark_command_runs_on_a_tiny_model(tiny_model_dir, capsys):
     assert r["ppo_iteration_s"] > 0 and r["peak_rss_mb"] > 0
     i = result["interpret"]
     for key in ("attribution_decoder_predictions_s", "attribution_with_spliced_predictions_s", "evidence_scan_tok_s",
-                "label_stats_features_s", "label_local_features_s", "judge_local_contexts_s", "peak_rss_mb"):
+                "label_stats_features_s", "label_local_features_s", "judge_local_contexts_s",
+                "judge_local_shared_pairs_s", "peak_rss_mb"):
         assert i[key] > 0, key
 
 

@@ -445,7 +445,7 @@ def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):
         calls.append(samples)
         if not samples:
             return ["Language model feature detection", "Dogs"][:len(prompts)]
-        return ["Feature detection", "Cat nouns", "Cats", "x"][:samples]
+        return ["Feature detection", "Language model cat detection", "Cat nouns", "x"][:samples]
 
     monkeypatch.setattr(labeler, "_generate", generate)
     assert labeler.label([feature(1, "cat"), feature(2, "dog")]) == ["Cat nouns", "Dogs"]
