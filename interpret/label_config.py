@@ -128,6 +128,10 @@ class ScoreConfig(BackendConfig):
     """Score this label set: a backend's name (local, openai, stats) or a `features label --label-set` name;
     all: every label set in labels.json."""
 
+    subset: Literal["selected", "sample", "top"] = "selected"
+    """Which of the selected features to score: all of them, only the random sample (the coverage estimate's), or
+    only the top features."""
+
     scorers: str = ",".join(SCORERS)
     """Comma-separated scorers among detection, fuzzing, embedding."""
 

@@ -7,6 +7,7 @@ change with `PROMPT_VERSION`, which is recorded with every label and keys the la
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -261,15 +262,24 @@ class LocalLabeler:
     def judge_many(self, labels: Sequence[str], contexts: Sequence[str], task: Task = "detection") -> list[list[float]]:
         """P(yes) of every (label, context) pair, [len(labels)][len(contexts)]. The prompt puts the text before the
         label: each text's part is run once (batch_size texts per forward) and its KV cache is shared by the label
-        parts that follow it, so k labels on a text cost one text plus k labels, not k whole prompts."""
+        parts that follow it, so k labels on a text cost one text plus k labels, not k whole prompts. Label parts
+        of similar length go together (`length_groups`), so that a long label does not pad every short one."""
         probs_LC = torch.empty(len(labels), len(contexts))
         for i in range(0, len(contexts) if labels else 0, self.batch_size):
             chunk = contexts[i:i + self.batch_size]
             heads, tails = zip(*(self._split_at_label(c, task) for c in chunk))
             head = self._encode(list(heads))
+            cache = self.lm(**head, position_ids=_positions(head["attention_mask"]), use_cache=True,
+                            logits_to_keep=1).cache
             # the label part starts at the space before the label, as the whole prompt would tokenise it
-            suffix = self._encode([f" {label}{tails[0]}" for label in labels], special=False)
-            probs_LC[:, i:i + len(chunk)] = self._p_yes_after(head, suffix).view(len(chunk), len(labels)).T
+            suffixes = [f" {label}{tails[0]}" for label in labels]
+            lengths = [len(ids) for ids in self.tokenizer(suffixes, add_special_tokens=False)["input_ids"]]
+            groups = length_groups(lengths)
+            for g, rows in enumerate(groups):
+                shared = cache if g == len(groups) - 1 else copy.deepcopy(cache)
+                suffix = self._encode([suffixes[r] for r in rows], special=False)
+                p_B = self._p_yes_after(head["attention_mask"], shared, suffix)
+                probs_LC[rows, i:i + len(chunk)] = p_B.view(len(chunk), len(rows)).T
         return probs_LC.tolist()
 
     def _split_at_label(self, context: str, task: Task) -> tuple[str, str]:
@@ -277,20 +287,33 @@ class LocalLabeler:
         head, tail = self._prompt(_judge_prompt(LABEL_SLOT, context, task), "Answer:").rsplit(LABEL_SLOT, 1)
         return head.removesuffix(" "), tail
 
-    def _p_yes_after(self, head: dict[str, torch.Tensor], suffix: dict[str, torch.Tensor]) -> torch.Tensor:
-        """P(yes) at the end of every head + suffix pair, row c·L + l for head c and suffix l (both left-padded)."""
-        n_heads, n_suffixes = head["input_ids"].shape[0], suffix["input_ids"].shape[0]
-        cache = self.lm(**head, position_ids=_positions(head["attention_mask"]), use_cache=True,
-                        logits_to_keep=1).cache
+    def _p_yes_after(self, head_mask: torch.Tensor, cache, suffix: dict[str, torch.Tensor]) -> torch.Tensor:
+        """P(yes) at the end of every head + suffix pair, row c·L + l for head c and suffix l (both left-padded);
+        `cache` holds the heads' keys and values and is expanded in place."""
+        n_heads, n_suffixes = head_mask.shape[0], suffix["input_ids"].shape[0]
         cache.batch_repeat_interleave(n_suffixes)
-        mask = torch.cat([head["attention_mask"].repeat_interleave(n_suffixes, 0),
-                          suffix["attention_mask"].repeat(n_heads, 1)], dim=1)
+        mask = torch.cat([head_mask.repeat_interleave(n_suffixes, 0), suffix["attention_mask"].repeat(n_heads, 1)], dim=1)
         ids = suffix["input_ids"].repeat(n_heads, 1)
         logits_BV = self.lm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
                             position_ids=_positions(mask)[:, -ids.shape[1]:], logits_to_keep=1).logits[:, -1].float()
         yes_B = torch.logsumexp(logits_BV[:, self._yes_ids], dim=-1)  # not [B, T, V]: a 151k vocabulary
         no_B = torch.logsumexp(logits_BV[:, self._no_ids], dim=-1)
         return torch.sigmoid(yes_B - no_B)
+
+
+def length_groups(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of `lengths` grouped by length (shortest first) so that padding each group to its longest adds at
+    most `max_padding` of its real tokens."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= (1 + max_padding) * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 def _positions(mask_BT: torch.Tensor) -> torch.Tensor:

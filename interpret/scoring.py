@@ -222,14 +222,20 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     records = load_label_records(run)
     selection = load_selection(run)
     evidence = load_evidence(run)
-    wanted = set(evidence) if selection is None else set(evidence) & set(selection.features)
+    selected = set(evidence) if selection is None else set(evidence) & set(selection.features)
     backends = None if cfg.labels == "all" else {cfg.labels}
-    jobs: list[Job] = [(fid, backend, rec) for fid, by_backend in sorted(records.items())
-                       for backend, rec in sorted(by_backend.items())
-                       if (backends is None or backend in backends) and fid in wanted]
+    all_jobs: list[Job] = [(fid, backend, rec) for fid, by_backend in sorted(records.items())
+                           for backend, rec in sorted(by_backend.items())
+                           if (backends is None or backend in backends) and fid in selected]
+    if selection is not None and cfg.subset != "selected":
+        subset = set(selection.sample if cfg.subset == "sample" else selection.top)
+        jobs = [job for job in all_jobs if job[0] in subset]
+    else:
+        jobs = all_jobs
     if not jobs:
         raise ConfigError(f"--labels {cfg.labels}: no such labels of the selected features with evidence in {run.labels}")
-    controls = control_labels(jobs, cfg.seed)
+    # controls and kept rows come from the whole selection, so that --subset runs add up to one whole run
+    controls = control_labels(all_jobs, cfg.seed)
     scorers = cfg.scorer_list
     if simulator is None and {"detection", "fuzzing"} & set(scorers):
         simulator = make_labeler(cfg.simulator, cfg)
@@ -241,7 +247,9 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
                 "n_examples": cfg.n_examples, "n_calibration": cfg.n_calibration, "seed": cfg.seed,
                 "chance_rate": chance_rate(cfg.n_examples, cfg.n_examples), "verified_auroc": VERIFIED_AUROC,
                 "control_quantile": CONTROL_QUANTILE}
-    features = _resumable(run, settings, jobs)
+    every_label = [(fid, backend, rec) for fid, by_backend in sorted(records.items()) for backend, rec in by_backend.items()
+                   if fid in selected]  # rows of the other label sets are kept too
+    features = _resumable(run, settings, every_label)
 
     def done(fid: int, backend: str, rec: dict) -> bool:
         row = features.get(str(fid), {}).get(backend, {})

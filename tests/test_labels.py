@@ -422,7 +422,7 @@ def test_local_labeler_batched_matches_one_at_a_time(tiny_frozen):
 
 def test_judging_many_labels_on_a_shared_text_equals_judging_each_whole_prompt(tiny_frozen):
     labeler = LocalLabeler(tiny_frozen, batch_size=2)
-    labels = ["cats", "a much longer label about dogs and birds"]
+    labels = ["cats", "a much longer label about dogs and birds, fish, owls, cows and the rest of the farm", "dogs"]
     contexts = ["the cat", "What is 17 + 3? Answer: 20 and more words here", "a"]
     shared = labeler.judge_many(labels, contexts)
     tok = labeler.tokenizer
@@ -435,6 +435,18 @@ def test_judging_many_labels_on_a_shared_text_equals_judging_each_whole_prompt(t
             yes, no = (torch.logsumexp(logits[idx], 0) for idx in (labeler._yes_ids, labeler._no_ids))
             assert shared[i][j] == pytest.approx(torch.sigmoid(yes - no).item(), abs=1e-5)
     assert tok.decode(labeler._encode([head])["input_ids"][0]).endswith("Feature:")
+
+
+def test_length_groups_bound_the_padding():
+    from interpret.labelers import length_groups
+
+    assert length_groups([5, 40, 6, 42, 5]) == [[0, 4, 2], [1, 3]]
+    assert length_groups([]) == [] and length_groups([7]) == [[0]]
+    for lengths in ([1, 2, 3, 50, 60, 3, 1], [10] * 5):
+        groups = length_groups(lengths)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
 
 
 def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):

@@ -241,3 +241,17 @@ def test_label_sets_of_a_feature_are_judged_together_with_the_same_scores(tmp_pa
     assert len(shared.calls) == 2 * len(words)
     first_scored, first_calibration = shared.calls[:2]
     assert first_scored[1] == 22 and len(first_scored[0]) >= 3 and first_calibration == (["cat", "dog"], 10)
+
+
+def test_scoring_the_sample_then_the_top_adds_up_to_one_whole_run(tmp_path):
+    words = {1: "cat", 2: "dog", 3: "bird", 4: "fish", 5: "frog"}
+    run = write_evidence(tmp_path, [word_feature(fid, word) for fid, word in words.items()])
+    run_label(LabelConfig(run=tmp_path, backend="local", sample=2, top=2, examples=SHOWN), labeler=WordLabeler(words))
+    run_label(LabelConfig(run=tmp_path, backend="stats", sample=2, top=2, examples=SHOWN))
+    whole = run_score(ScoreConfig(run=tmp_path, scorers="detection"), simulator=WordSimulator())
+    run.scores.unlink()
+    sample = run_score(ScoreConfig(run=tmp_path, scorers="detection", subset="sample"), simulator=WordSimulator())
+    assert all(by_set["local"]["sample"] for by_set in sample["features"].values())
+    run_score(ScoreConfig(run=tmp_path, scorers="detection", subset="top", labels="stats"), simulator=WordSimulator())
+    last = run_score(ScoreConfig(run=tmp_path, scorers="detection", subset="top"), simulator=WordSimulator())
+    assert last["features"] == whole["features"] and last["summary"] == whole["summary"]
