@@ -241,8 +241,10 @@ class LocalLabeler:
     def _generate(self, prompts: list[str], samples: int = 0) -> list[str]:
         """Greedy continuations of `prompts`, or `samples` sampled ones of each (temperature 0.7, top-p 0.9)."""
         enc = self._encode(prompts)
-        sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_return_sequences": samples} if samples else {"do_sample": False}
-        out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        sampling = ({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "num_return_sequences": samples} if samples
+                    else {"do_sample": False})
+        out = self.lm.generate(**enc, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                               **sampling)
         return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _sampled_label(self, prompt: str, seed: int) -> str:
@@ -252,7 +254,7 @@ class LocalLabeler:
         candidates = [c for c in map(clean_label, texts) if c]
         label = min(candidates, key=prompt_word_share, default="")  # the one that least repeats the task
         log.info("local labeller: greedy answer was empty or echoed the prompt; sampled retry gave %r (raw %r)",
-                    label, texts)
+                 label, texts)
         return label
 
     def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
