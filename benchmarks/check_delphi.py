@@ -74,6 +74,9 @@ class DelphiCheckConfig:
     server_model: str = "smollm2-135m-instruct"
     """The embedded model the server runs (its GGUF): smollm2-135m-instruct or qwen2.5-coder-1.5b-instruct."""
 
+    threads: int = 2
+    """Threads of the llama.cpp server (1 when another job shares a 2-core machine)."""
+
     keep_venv: Path | None = None
     """Folder for the delphi venv (.venv-delphi): created if missing, reused if present; default a temporary one."""
 
@@ -81,8 +84,8 @@ class DelphiCheckConfig:
     """The result JSON (default RUN/interpret/delphi_check.json)."""
 
     def __post_init__(self) -> None:
-        if self.features < 1 or self.n_examples < 1 or self.shown < 1:
-            raise ConfigError("--features, --n-examples and --shown must be at least 1")
+        if self.features < 1 or self.n_examples < 1 or self.shown < 1 or self.threads < 1:
+            raise ConfigError("--features, --n-examples, --shown and --threads must be at least 1")
         if self.n_examples % self.shown:
             raise ConfigError(f"--n-examples {self.n_examples} must be a multiple of --shown {self.shown} (delphi "
                               "drops a last, shorter request as unparsable)")
@@ -220,7 +223,8 @@ def main(cfg: DelphiCheckConfig) -> dict:
         venv = (cfg.keep_venv.resolve() if cfg.keep_venv else tmp) / ".venv-delphi"
         python = ensure_venv(venv, DELPHI_DEPS, "delphi, httpx, torch", no_deps=(DELPHI,))
         gguf = llama_server.embedded_gguf_path(cfg.server_model)
-        with llama_server.serve(gguf, cfg.server_model, os.environ[KEY_ENV], tmp / "server.log", n_ctx=4096) as url:
+        with llama_server.serve(gguf, cfg.server_model, os.environ[KEY_ENV], tmp / "server.log", n_ctx=4096,
+                                threads=cfg.threads) as url:
             simulator = OpenAILabeler(url, cfg.server_model, KEY_ENV, timeout_s=600.0)
             ours = {}
             for f in features:
