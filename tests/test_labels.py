@@ -17,7 +17,7 @@ from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
 from interpret.run import InterpretRun
-from interpret.scoring import Contexts, auroc, balanced_accuracy, fuzz_pair, score_detection, fuzzing_auroc, run_score
+from interpret.scoring import Contexts, auroc, balanced_accuracy, fuzz_pair, fuzzing_auroc, run_score, score_detection
 from models.errors import ConfigError
 
 

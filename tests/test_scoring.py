@@ -20,10 +20,10 @@ from interpret.scoring import (
     calibrated_threshold,
     chance_rate,
     control_labels,
-    score_detection,
     fewest_examples,
     held_out_contexts,
     run_score,
+    score_detection,
     wilson_interval,
 )
 from tests.test_labels import write_evidence
