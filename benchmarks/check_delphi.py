@@ -49,7 +49,7 @@ from models.io import write_json_atomic
 
 DELPHI = "eai-delphi==0.1.3"
 DELPHI_DEPS = ("transformers", "safetensors", "numpy", "httpx", "orjson", "jaxtyping", "beartype", "asyncer",
-               "blobfile", "tqdm", "simple_parsing")
+               "blobfile", "tqdm", "simple_parsing", "tiktoken")
 """What the detection and fuzzing scorers import (delphi's own requirements pull vllm and a CUDA torch)."""
 KEY_ENV = "FAITHLENS_DELPHI_CHECK_KEY"
 
