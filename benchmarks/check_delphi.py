@@ -8,8 +8,9 @@ held-out contexts, through the same local OpenAI-compatible server and model.
 2. For each of the first `--features` non-dense labelled features of RUN's selection (its `--labels` backend), the
    held-out contexts of `features score` (`interpret.scoring.held_out_contexts`, the same seeds): `--n-examples`
    activating contexts the labeller never saw and as many clean negatives.
-3. faithlens scores them with its openai simulator: detection AUROC (P(yes) of all contexts in one JSON-list
-   request) and fuzzing AUROC (the real firing tokens marked against as many random ones).
+3. faithlens scores them with its openai simulator: detection AUROC (P(yes) of each context from the first answer
+   token's log-probs, one request per context, as its local simulator reads them) and fuzzing AUROC (the real
+   firing tokens marked against as many random ones).
 4. delphi's DetectionScorer and FuzzingScorer score the same label and contexts with their own prompts (few-shot,
    `--shown` contexts per request, a 0/1 list parsed from the answer), through a delphi `Client` that calls the
    same server. Per feature: delphi's accuracy over parsed answers, its AUROC (from the answer tokens' log-probs
@@ -239,12 +240,12 @@ def main(cfg: DelphiCheckConfig) -> dict:
             child = tmp / "delphi_child.py"
             child.write_text(_CHILD)
             done = subprocess.run([python, child, tmp / "in.json", tmp / "out.json"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                  capture_output=True, text=True)
+                                  stderr=subprocess.PIPE, text=True)  # its per-feature lines go to the terminal
             if done.returncode:
                 raise RuntimeError(f"the delphi child failed:\n{done.stderr[-3000:]}")
             theirs = json.loads((tmp / "out.json").read_text())
     result = {"server_model": cfg.server_model, "labels": cfg.labels, "n_examples": cfg.n_examples, "shown": cfg.shown,
-              "delphi": theirs["delphi"], "features": {}, "summary": {}}
+              "delphi": theirs["delphi"], "faithlens_judge": simulator.judge_mode, "features": {}, "summary": {}}
     for fid, row in ours.items():
         result["features"][fid] = {"label": next(f["label"] for f in features if str(f["id"]) == fid),
                                    "faithlens": row, "delphi": theirs["features"][fid]}

@@ -90,6 +90,10 @@ class LabelConfig(BackendConfig):
     examples: int = 8
     """Top-activating contexts shown to the labeller per feature."""
 
+    prompt: Literal["label-v1", "label-v2"] = "label-v1"
+    """Model backends' labelling prompt (interpret.labelers.PROMPTS): label-v1 asks what the feature detects;
+    label-v2 also shows the marked tokens' counts and asks what they have in common (a word, else a kind of token)."""
+
     label_set: str = ""
     """Name of these labels in labels.json (default: the backend's name). Another name keeps a second model's
     labels beside the first, e.g. `--backend local --local-model embedded:qwen2.5-coder-1.5b-instruct

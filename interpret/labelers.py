@@ -10,11 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import zlib
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Protocol
 
 import torch
@@ -25,7 +27,12 @@ from models.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+PROMPTS = ("label-v1", "label-v2")
+"""The labelling prompts: v1 shows the marked excerpts and asks what the feature detects (the local model's answer
+prefilled with "Common theme:"); v2 adds the marked tokens' counts and asks what they have in common — a word or
+word family, else a kind of token — the way layer-9 features mostly are, with a neutral "Label:" prefill."""
 PROMPT_VERSION = "label-v1"
+"""The default of `features label --prompt`."""
 Task = Literal["detection", "fuzzing"]
 LOCAL_LABEL_PREFIX = "Common theme:"
 """Start of the local model's answer (prefilled in the assistant turn)."""
@@ -38,6 +45,8 @@ PROMPT_WORDS = frozenset(
 RETRY_SAMPLES = 4
 """Sampled answers drawn when the local model's greedy label is empty or echoes the prompt; the one with the
 smallest share of prompt words is kept."""
+TOP_LOGPROBS = 20
+"""Most likely first answer tokens an OpenAI-compatible simulator is asked for (the OpenAI API's maximum)."""
 
 
 class Labeler(Protocol):
@@ -60,12 +69,13 @@ def make_labeler(kind: str, cfg: BackendConfig, examples: int = 8):
     """The labeller/simulator named `kind` built from the shared backend options."""
     if kind == "stats":
         return StatsLabeler(examples=examples)
+    prompt = getattr(cfg, "prompt", PROMPT_VERSION)  # a simulator's config has no labelling prompt
     if kind == "local":
         return LocalLabeler(cfg.local_model, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                            examples=examples)
+                            examples=examples, prompt=prompt)
     if kind == "openai":
         return OpenAILabeler(cfg.openai_base_url, cfg.openai_model, cfg.api_key_env, timeout_s=cfg.timeout_s,
-                             batch_size=cfg.batch_size, examples=examples)
+                             batch_size=cfg.batch_size, examples=examples, prompt=prompt)
     raise ConfigError(f"--backend: expected local, openai or stats, got {kind!r}")
 
 
@@ -91,16 +101,26 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _label_prompt(ev: FeatureEvidence, examples: int) -> str:
+def _label_prompt(ev: FeatureEvidence, examples: int, version: str = PROMPT_VERSION) -> str:
     lines = [
         "Below are text excerpts where one feature of a language model fires. "
         "The token where it fires most is marked <<like this>>.",
     ]
     for i, ex in enumerate(ev.top[:examples], 1):
         lines.append(f"{i}. {_one_line(mark_tokens(ex.tokens, [peak_index(ex)]))}")
+    if version == "label-v2":
+        counts = Counter(ex.tokens[peak_index(ex)].strip() or repr(ex.tokens[peak_index(ex)])
+                         for ex in ev.top[:examples] if ex.tokens)
+        lines.append("Marked tokens, commonest first: " + ", ".join(f'"{t}" x{n}' for t, n in counts.most_common(8)))
     if ev.promoted:
         lines.append("Tokens the feature makes more likely next: " + ", ".join(repr(t) for t, _ in ev.promoted[:8]))
-    lines.append("What does the feature detect? Answer with a short label of at most 8 words and nothing else.")
+    if version == "label-v2":
+        lines.append("Features like this one usually respond to one word or word family, or to one kind of token "
+                     "(numbers, names, punctuation, a part of speech) in a certain context. Say what the marked "
+                     "tokens have in common: quote the word if one repeats, else name their kind, and add the "
+                     "context only if it matters. Answer with a short label of at most 8 words and nothing else.")
+    else:
+        lines.append("What does the feature detect? Answer with a short label of at most 8 words and nothing else.")
     return "\n".join(lines)
 
 
@@ -150,6 +170,7 @@ class StatsLabeler:
 
     name = "stats"
     model_id = "stats"
+    prompt_version = "label-v1"  # no prompt; kept so that the stats labels already cached stay valid
 
     def __init__(self, examples: int = 8, n_tokens: int = 3, n_promoted: int = 3):
         self.examples = examples
@@ -187,9 +208,10 @@ class LocalLabeler:
     """An HF instruct model: greedy labels from a chat prompt; as simulator P(Yes) vs P(No) in one pass."""
 
     name = "local"
+    judge_mode = "logprobs"
 
     def __init__(self, model: str | object = "embedded:smollm2-135m-instruct", batch_size: int = 8,
-                 max_new_tokens: int = 24, examples: int = 8):
+                 max_new_tokens: int = 24, examples: int = 8, prompt: str = PROMPT_VERSION):
         """`model`: a model spec for load_frozen, or an already loaded FrozenLM."""
         if isinstance(model, str):
             from models.config import ModelConfig
@@ -202,6 +224,7 @@ class LocalLabeler:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.examples = examples
+        self.prompt_version = prompt
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._yes_ids = self._first_token_ids(["Yes", " Yes", "yes", " yes"])
@@ -229,7 +252,8 @@ class LocalLabeler:
     @torch.no_grad()
     def label(self, batch: Sequence[FeatureEvidence]) -> list[str]:
         # small instruct models answer with the instructions themselves unless the answer is started for them
-        prompts = [self._prompt(_label_prompt(ev, self.examples), "Label:", LOCAL_LABEL_PREFIX) for ev in batch]
+        prefix = LOCAL_LABEL_PREFIX if self.prompt_version == "label-v1" else "Label:"
+        prompts = [self._prompt(_label_prompt(ev, self.examples, self.prompt_version), "Label:", prefix) for ev in batch]
         labels = []
         for i in range(0, len(prompts), self.batch_size):
             labels += [clean_label(t) for t in self._generate(prompts[i:i + self.batch_size])]
@@ -337,7 +361,8 @@ class OpenAILabeler:
     name = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 batch_size: int = 8, examples: int = 8, max_retries: int = 3):
+                 batch_size: int = 8, examples: int = 8, max_retries: int = 3, concurrency: int = 4,
+                 prompt: str = PROMPT_VERSION):
         from openai import OpenAI
 
         self.base_url = base_url.rstrip("/")
@@ -347,6 +372,9 @@ class OpenAILabeler:
         self.timeout_s = timeout_s
         self.batch_size = batch_size
         self.examples = examples
+        self.concurrency = concurrency
+        self.prompt_version = prompt
+        self.judge_mode = "logprobs"
         # the key lives in this process only (never in a config, label record or log line); the client retries
         # connection errors, 408/409/429 and 5xx with exponential backoff, honouring Retry-After
         for name in ("openai", "httpx", "httpx2", "httpcore"):  # their debug lines carry request options
@@ -362,12 +390,13 @@ class OpenAILabeler:
             )
         return key
 
-    def chat(self, user: str, max_tokens: int = 256) -> str:
+    def _create(self, user: str, **options):
+        """One chat completion (temperature 0) of `user`, its failures turned into one clear ConfigError line."""
         import openai
 
         try:
-            response = self._client.chat.completions.create(
-                model=self.model_id, temperature=0, max_tokens=max_tokens, messages=[{"role": "user", "content": user}])
+            return self._client.chat.completions.create(
+                model=self.model_id, temperature=0, messages=[{"role": "user", "content": user}], **options)
         except openai.APITimeoutError as e:
             raise ConfigError(f"{self.endpoint}: no answer within --timeout-s {self.timeout_s}") from e
         except openai.APIConnectionError as e:
@@ -376,6 +405,9 @@ class OpenAILabeler:
             raise ConfigError(f"{self.endpoint}: HTTP {e.status_code}: {str(e)[:300]}") from e
         except openai.APIResponseValidationError as e:
             raise ConfigError(f"{self.endpoint}: the answer is not a chat completion ({e})") from e
+
+    def chat(self, user: str, max_tokens: int = 256) -> str:
+        response = self._create(user, max_tokens=max_tokens)
         try:
             return response.choices[0].message.content or ""
         except (AttributeError, IndexError, TypeError) as e:
@@ -389,8 +421,8 @@ class OpenAILabeler:
 
     def _label_batch(self, batch: Sequence[FeatureEvidence]) -> list[str]:
         if len(batch) == 1:
-            return [clean_label(self.chat(_label_prompt(batch[0], self.examples), max_tokens=40)) or "(no label)"]
-        sections = [f"### Feature {i}\n{_label_prompt(ev, self.examples)}" for i, ev in enumerate(batch, 1)]
+            return [clean_label(self.chat(_label_prompt(batch[0], self.examples, self.prompt_version), max_tokens=40)) or "(no label)"]
+        sections = [f"### Feature {i}\n{_label_prompt(ev, self.examples, self.prompt_version)}" for i, ev in enumerate(batch, 1)]
         user = ("Label each feature below.\n\n" + "\n\n".join(sections) +
                 f"\n\nReply with only a JSON object mapping each feature number (1 to {len(batch)}) to its label.")
         answer = _parse_json(self.chat(user, max_tokens=40 * len(batch)), dict) or {}
@@ -404,6 +436,38 @@ class OpenAILabeler:
         return labels
 
     def judge(self, label: str, contexts: Sequence[str], task: Task = "detection") -> list[float]:
+        """P(yes) of each context, from the log-probabilities of the first answer token to the local simulator's
+        prompt, one request per context (`concurrency` in flight). A server that returns no log-probabilities is
+        asked once for a JSON list of probabilities instead (`judge_mode` then says "json-list")."""
+        if self.judge_mode == "logprobs":
+            with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(contexts)))) as pool:
+                probs = list(pool.map(lambda c: self._p_yes(_judge_prompt(label, c, task)), contexts))
+            if all(p is not None for p in probs):
+                return probs
+            log.warning("%s returns no log-probabilities; the simulator asks for a JSON list of probabilities instead "
+                        "(a generated list is coarser and can miss texts)", self.endpoint)
+            self.judge_mode = "json-list"
+        return self._judge_by_list(label, contexts, task)
+
+    def _p_yes(self, prompt: str) -> float | None:
+        """P(yes | yes or no) of the answer's first token over its `TOP_LOGPROBS` most likely spellings; None when
+        the server gives no log-probabilities, 0.5 when neither a yes nor a no spelling is among them."""
+        choice = self._create(prompt, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS).choices[0]
+        first = (getattr(choice.logprobs, "content", None) or [None])[0]
+        if first is None or not first.top_logprobs:
+            return None
+        mass = {"yes": 0.0, "no": 0.0}
+        for top in first.top_logprobs:
+            word = top.token.strip().lower()
+            if word in mass:
+                mass[word] += math.exp(top.logprob)
+        if mass["yes"] + mass["no"] == 0.0:
+            log.info("simulator: no yes/no spelling among the top %d first tokens (%r); P(yes) = 0.5",
+                     TOP_LOGPROBS, [t.token for t in first.top_logprobs[:5]])
+            return 0.5
+        return mass["yes"] / (mass["yes"] + mass["no"])
+
+    def _judge_by_list(self, label: str, contexts: Sequence[str], task: Task) -> list[float]:
         question = ("Does the feature fire anywhere in the text?" if task == "detection"
                     else "Are the tokens marked <<like this>> exactly where the feature fires?")
         numbered = "\n".join(f"{i}. {_one_line(c)}" for i, c in enumerate(contexts, 1))

@@ -10,7 +10,7 @@ a label set is named after its backend unless `--label-set` names it:
     {"selection": {"sample", "top", "live", "seed", "strata"},
      "features": {"<id>": {"<label set>": {"label", "backend", "model", "prompt_version",
                                           "evidence_digest", "evidence": {...}, "created"}}}}
-label_cache.json maps (backend, model, PROMPT_VERSION, examples shown, evidence digest) to a label,
+label_cache.json maps (backend, model, prompt version, examples shown, evidence digest) to a label,
 so a rerun calls the backend only for features whose evidence changed.
 
 A labeller sees a feature's first `--examples` top-activating contexts (and its promoted tokens), never its
@@ -31,7 +31,7 @@ from rich.console import Console
 
 from interpret.coverage import Selection, live_density, select
 from interpret.label_config import SCORE_KEYS, LabelConfig
-from interpret.labelers import PROMPT_VERSION, Labeler, echoes_prompt, make_labeler
+from interpret.labelers import Labeler, StatsLabeler, echoes_prompt, make_labeler
 from interpret.records import Example, FeatureEvidence, ShownLabel
 from interpret.run import InterpretRun
 from models.io import read_json, write_json_atomic
@@ -58,7 +58,8 @@ def run_label(cfg: LabelConfig, labeler: Labeler | None = None) -> dict:
 
     # examples are rebuilt on every access: one feature at a time, so that every live feature fits in memory
     summaries = {fid: _evidence_summary(all_evidence[fid], cfg.examples) for fid in ids}
-    keys = {fid: cache_key(cfg.backend, model_id, cfg.examples, summaries[fid]["evidence_digest"]) for fid in ids}
+    keys = {fid: cache_key(cfg.backend, model_id, _prompt_version(cfg), cfg.examples, summaries[fid]["evidence_digest"])
+            for fid in ids}
     misses = [fid for fid in ids if cfg.force or keys[fid] not in cache["entries"]
               or echoes_prompt(cache["entries"][keys[fid]]["label"])]  # cached before echoes were rejected
     log.info("%d features selected, %d cached, %d to label with %s", len(ids), len(ids) - len(misses),
@@ -95,8 +96,13 @@ def _record_selection(labels: dict, selection: Selection) -> None:
     labels["selection"] = new
 
 
-def cache_key(backend: str, model_id: str, examples: int, evidence_digest: str) -> str:
-    return f"{backend}|{model_id}|{PROMPT_VERSION}|n{examples}|{evidence_digest}"
+def cache_key(backend: str, model_id: str, prompt_version: str, examples: int, evidence_digest: str) -> str:
+    return f"{backend}|{model_id}|{prompt_version}|n{examples}|{evidence_digest}"
+
+
+def _prompt_version(cfg: LabelConfig) -> str:
+    """The prompt behind `cfg`'s labels (the stats backend has none and keeps the first version's key)."""
+    return StatsLabeler.prompt_version if cfg.backend == "stats" else cfg.prompt
 
 
 def load_label_records(run: InterpretRun) -> dict[int, dict[str, dict]]:
@@ -189,7 +195,7 @@ def _evidence_summary(ev: FeatureEvidence, examples: int) -> dict:
 
 
 def _record(entry: dict, cfg: LabelConfig, model_id: str, summary: dict) -> dict:
-    return {"label": entry["label"], "backend": cfg.backend, "model": model_id, "prompt_version": PROMPT_VERSION,
+    return {"label": entry["label"], "backend": cfg.backend, "model": model_id, "prompt_version": _prompt_version(cfg),
             "evidence_digest": summary["evidence_digest"], "created": entry["created"], "evidence": summary["evidence"]}
 
 

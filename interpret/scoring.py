@@ -264,7 +264,9 @@ def run_score(cfg: ScoreConfig, simulator: Simulator | None = None, embedder: Em
     def save() -> dict:
         _mark_selection(features, selection)
         result = {"features": features, "summary": summarise(features), **settings,
-                  "selection": selection.to_json() if selection else None}
+                  "selection": selection.to_json() if selection else None,
+                  # how P(yes) was read: answer-token log-probs, or a generated list (a server without them)
+                  "simulator_judge": getattr(simulator, "judge_mode", None)}
         write_json_atomic(run.scores, result)
         return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from interpret.label_config import LabelConfig, ReviewConfig, ScoreConfig
-from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, clean_label
+from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label
 from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
@@ -89,6 +90,11 @@ def test_label_cache_skips_unchanged_features(tmp_path):
     run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, force=True), labeler=forced)
     assert forced.calls == 3
 
+    other_prompt = CountingLabeler()  # another prompt's labels are not the cached ones
+    run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, prompt="label-v2"), labeler=other_prompt)
+    assert other_prompt.calls == 3 and load_label_records(run)[2]["local"]["prompt_version"] == "label-v2"
+    run_label(cfg, labeler=CountingLabeler())  # back to the default prompt: its labels are still cached
+
     records = load_label_records(run)
     assert set(records) == {1, 2, 3}
     rec = records[2]["local"]
@@ -148,6 +154,14 @@ def test_dashboards_show_the_best_verified_label_else_a_marked_one():
     assert (shown[5].text, shown[5].status) == ("birds", "unverified")  # the better of two unverified labels
     assert {fid: s.status for fid, s in shown_labels(records, {}).items()} == {
         1: "statistic", 2: "statistic", 3: "unverified", 4: "unverified", 5: "unverified"}
+
+
+def test_the_second_prompt_counts_the_marked_tokens():
+    ev = feature(1, "cat")
+    v1, v2 = _label_prompt(ev, 8, "label-v1"), _label_prompt(ev, 8, "label-v2")
+    assert "Marked tokens" not in v1 and "What does the feature detect?" in v1
+    assert 'Marked tokens, commonest first: "cat" x3' in v2 and "have in common" in v2
+    assert v1.splitlines()[:4] == v2.splitlines()[:4]  # the same marked excerpts
 
 
 def test_stats_labeller_reports_peak_tokens_ngrams_and_promoted():
@@ -219,6 +233,7 @@ def test_config_errors_name_the_flag(tmp_path):
 class _FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict] = []
     busy = 0
+    logprobs = True  # whether it answers `logprobs` requests as llama.cpp's and OpenAI's servers do
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -245,7 +260,14 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
                                   if line[:1].isdigit() and ". " in line][:n])
         else:
             content = "Single topic"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        choice = {"message": {"role": "assistant", "content": content}}
+        if body.get("logprobs") and type(self).logprobs:  # a judge prompt: "Yes" likelier where the text has a cat
+            text = next(line for line in prompt.splitlines() if line.startswith("Text: "))
+            yes, no = (-0.2, -1.8) if "cat" in text else (-2.5, -0.1)
+            tops = [{"token": "Yes", "logprob": yes}, {"token": " no", "logprob": no}, {"token": "The", "logprob": -4.0}]
+            choice = {"message": {"role": "assistant", "content": tops[0]["token"]},
+                      "logprobs": {"content": [{"token": "Yes", "logprob": yes, "top_logprobs": tops}]}}
+        payload = json.dumps({"choices": [choice]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -282,11 +304,27 @@ def test_openai_backend_sends_key_only_in_header(tmp_path, fake_openai, monkeypa
     assert load_label_records(run)[1]["openai"]["model"] == "my-model"
 
     sim = OpenAILabeler(fake_openai + "/v1", "my-model", "FL_TEST_KEY")
-    assert sim.judge("cats", ["a cat sat", "17 + 3", "the cat"]) == [1.0, 0.0, 1.0]
+    _FakeOpenAI.requests = []
+    p_yes = sim.judge("cats", ["a cat sat", "17 + 3", "the cat"])
+    yes, no = math.exp(-0.2), math.exp(-1.8)  # P(yes | yes or no) from the first token's log-probs
+    assert p_yes == pytest.approx([yes / (yes + no), math.exp(-2.5) / (math.exp(-2.5) + math.exp(-0.1)), yes / (yes + no)])
+    assert sim.judge_mode == "logprobs" and len(_FakeOpenAI.requests) == 3  # one request per context
+    assert all(r["body"]["max_tokens"] == 1 and r["body"]["top_logprobs"] == 20 for r in _FakeOpenAI.requests)
 
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert run.labels in written and (run.dir / "label_config.json") in written
     assert not any(secret in p.read_text(errors="replace") for p in written)
+
+
+def test_openai_simulator_falls_back_to_a_json_list_without_logprobs(fake_openai, monkeypatch):
+    monkeypatch.setenv("FL_TEST_KEY", "k")
+    monkeypatch.setattr(_FakeOpenAI, "logprobs", False)
+    sim = OpenAILabeler(fake_openai + "/v1", "m", "FL_TEST_KEY")
+    assert sim.judge("cats", ["a cat sat", "17 + 3", "the cat"]) == [1.0, 0.0, 1.0]
+    assert sim.judge_mode == "json-list"
+    _FakeOpenAI.requests = []
+    assert sim.judge("cats", ["no", "cat"]) == [0.0, 1.0]
+    assert len(_FakeOpenAI.requests) == 1  # it does not ask for log-probs again
 
 
 def test_openai_backend_errors_are_clear(tmp_path, fake_openai, monkeypatch):

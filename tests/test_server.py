@@ -54,6 +54,7 @@ def test_labels_and_scores_through_a_real_llama_cpp_server(llama_server, tmp_pat
     assert all(0.0 <= row["detection_auroc"] <= 1.0 for row in rows), rows  # every label judged on its contexts
     assert all("control" in row for row in rows)  # and its shuffled control
     assert result["simulator"]["backend"] == "openai"
+    assert result["simulator_judge"] == "logprobs"  # P(yes) from llama.cpp's first-token log-probs, not a list
 
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not any(key in p.read_text(errors="replace") for p in written)  # the key never reaches disk
