@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ("label-v1", "label-v2")
 """The labelling prompts: v1 shows the marked excerpts and asks what the feature detects (the local model's answer
-prefilled with "Common theme:"); v2 adds the marked tokens' counts and asks what they have in common — a word or
-word family, else a kind of token — the way layer-9 features mostly are, with a neutral "Label:" prefill."""
+prefilled with "Common theme:"); v2 adds the marked tokens' counts, asks what they have in common — a word or word
+family, else a kind of token — the way layer-9 features mostly are (a neutral "Label:" prefill), and stores the
+answer followed by the three commonest marked tokens (`with_marked_tokens`)."""
 PROMPT_VERSION = "label-v1"
 """The default of `features label --prompt`."""
 Task = Literal["detection", "fuzzing"]
@@ -101,6 +102,25 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def marked_token_counts(ev: FeatureEvidence, examples: int) -> Counter[str]:
+    """How often each token is the peak of the first `examples` top contexts (stripped; bare whitespace quoted)."""
+    return Counter(ex.tokens[peak_index(ex)].strip() or repr(ex.tokens[peak_index(ex)])
+                   for ex in ev.top[:examples] if ex.tokens)
+
+
+def with_marked_tokens(label: str, ev: FeatureEvidence, examples: int, n: int = 3) -> str:
+    """label-v2's label: the model's words, then the `n` commonest marked tokens, which a lexical feature is about."""
+    tokens = ", ".join(f'"{t}"' for t, _ in marked_token_counts(ev, examples).most_common(n))
+    return f"{label} ({tokens})" if label and tokens else label
+
+
+def finish_label(label: str, ev: FeatureEvidence, examples: int, version: str) -> str:
+    """A cleaned model answer as stored: "(no label)" when empty, with the marked tokens under label-v2."""
+    if not label:
+        return "(no label)"
+    return with_marked_tokens(label, ev, examples) if version == "label-v2" else label
+
+
 def _label_prompt(ev: FeatureEvidence, examples: int, version: str = PROMPT_VERSION) -> str:
     lines = [
         "Below are text excerpts where one feature of a language model fires. "
@@ -109,8 +129,7 @@ def _label_prompt(ev: FeatureEvidence, examples: int, version: str = PROMPT_VERS
     for i, ex in enumerate(ev.top[:examples], 1):
         lines.append(f"{i}. {_one_line(mark_tokens(ex.tokens, [peak_index(ex)]))}")
     if version == "label-v2":
-        counts = Counter(ex.tokens[peak_index(ex)].strip() or repr(ex.tokens[peak_index(ex)])
-                         for ex in ev.top[:examples] if ex.tokens)
+        counts = marked_token_counts(ev, examples)
         lines.append("Marked tokens, commonest first: " + ", ".join(f'"{t}" x{n}' for t, n in counts.most_common(8)))
     if ev.promoted:
         lines.append("Tokens the feature makes more likely next: " + ", ".join(repr(t) for t, _ in ev.promoted[:8]))
@@ -260,7 +279,7 @@ class LocalLabeler:
         for i, label in enumerate(labels):
             if not label:  # greedy decoding repeats itself: retry with a few seeded samples
                 labels[i] = self._sampled_label(prompts[i], seed=zlib.crc32(prompts[i].encode()))
-        return [label or "(no label)" for label in labels]
+        return [finish_label(label, ev, self.examples, self.prompt_version) for label, ev in zip(labels, batch)]
 
     def _generate(self, prompts: list[str], samples: int = 0) -> list[str]:
         """Greedy continuations of `prompts`, or `samples` sampled ones of each (temperature 0.7, top-p 0.9)."""
@@ -417,11 +436,11 @@ class OpenAILabeler:
         labels: list[str] = []
         for i in range(0, len(batch), self.batch_size):
             labels += self._label_batch(batch[i:i + self.batch_size])
-        return labels
+        return [finish_label(label, ev, self.examples, self.prompt_version) for label, ev in zip(labels, batch)]
 
     def _label_batch(self, batch: Sequence[FeatureEvidence]) -> list[str]:
         if len(batch) == 1:
-            return [clean_label(self.chat(_label_prompt(batch[0], self.examples, self.prompt_version), max_tokens=40)) or "(no label)"]
+            return [clean_label(self.chat(_label_prompt(batch[0], self.examples, self.prompt_version), max_tokens=40))]
         sections = [f"### Feature {i}\n{_label_prompt(ev, self.examples, self.prompt_version)}" for i, ev in enumerate(batch, 1)]
         user = ("Label each feature below.\n\n" + "\n\n".join(sections) +
                 f"\n\nReply with only a JSON object mapping each feature number (1 to {len(batch)}) to its label.")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from interpret.label_config import LabelConfig, ReviewConfig, ScoreConfig
-from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label
+from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label, finish_label
 from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
@@ -162,6 +162,8 @@ def test_the_second_prompt_counts_the_marked_tokens():
     assert "Marked tokens" not in v1 and "What does the feature detect?" in v1
     assert 'Marked tokens, commonest first: "cat" x3' in v2 and "have in common" in v2
     assert v1.splitlines()[:4] == v2.splitlines()[:4]  # the same marked excerpts
+    assert finish_label("Cats", ev, 8, "label-v2") == 'Cats ("cat")' and finish_label("Cats", ev, 8, "label-v1") == "Cats"
+    assert finish_label("", ev, 8, "label-v2") == "(no label)"
 
 
 def test_stats_labeller_reports_peak_tokens_ngrams_and_promoted():
