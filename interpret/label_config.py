@@ -23,6 +23,14 @@ SCORER_KEYS = {"detection": ("detection_auroc", "detection_threshold", "detectio
                "fuzzing": ("fuzzing_auroc",), "embedding": ("embedding_auroc",)}
 """--scorers name → the keys it writes in a scores.json row."""
 
+PROMPTS = ("label-v1", "label-v2")
+"""The labelling prompts: v1 shows the marked excerpts and asks what the feature detects (the local model's answer
+prefilled with "Common theme:"); v2 adds the marked tokens' counts, asks what they have in common — a word or word
+family, else a kind of token — the way layer-9 features mostly are (a neutral "Label:" prefill), and stores the
+answer followed by the three commonest marked tokens (`with_marked_tokens`)."""
+PROMPT_VERSION = "label-v1"
+"""The default of `features label --prompt`."""
+
 
 @dataclass
 class BackendConfig:
@@ -90,8 +98,8 @@ class LabelConfig(BackendConfig):
     examples: int = 8
     """Top-activating contexts shown to the labeller per feature."""
 
-    prompt: Literal["label-v1", "label-v2"] = "label-v1"
-    """Model backends' labelling prompt (interpret.labelers.PROMPTS): label-v1 asks what the feature detects;
+    prompt: Literal["label-v1", "label-v2"] = PROMPT_VERSION
+    """Model backends' labelling prompt (PROMPTS): label-v1 asks what the feature detects;
     label-v2 also shows the marked tokens' counts and asks what they have in common (a word, else a kind of token)."""
 
     label_set: str = ""

@@ -21,19 +21,12 @@ from typing import Literal, Protocol
 
 import torch
 
-from interpret.label_config import BackendConfig
+from interpret.label_config import PROMPT_VERSION, BackendConfig
 from interpret.records import Example, FeatureEvidence
 from models.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PROMPTS = ("label-v1", "label-v2")
-"""The labelling prompts: v1 shows the marked excerpts and asks what the feature detects (the local model's answer
-prefilled with "Common theme:"); v2 adds the marked tokens' counts, asks what they have in common — a word or word
-family, else a kind of token — the way layer-9 features mostly are (a neutral "Label:" prefill), and stores the
-answer followed by the three commonest marked tokens (`with_marked_tokens`)."""
-PROMPT_VERSION = "label-v1"
-"""The default of `features label --prompt`."""
 Task = Literal["detection", "fuzzing"]
 LOCAL_LABEL_PREFIX = "Common theme:"
 """Start of the local model's answer (prefilled in the assistant turn)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from interpret.label_config import LabelConfig, ReviewConfig, ScoreConfig
-from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label, finish_label
+from interpret.labelers import PROMPT_VERSION, PROMPTS, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label, finish_label
 from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
@@ -90,9 +90,9 @@ def test_label_cache_skips_unchanged_features(tmp_path):
     run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, force=True), labeler=forced)
     assert forced.calls == 3
 
-    other_prompt = CountingLabeler()  # another prompt's labels are not the cached ones
-    run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, prompt="label-v2"), labeler=other_prompt)
-    assert other_prompt.calls == 3 and load_label_records(run)[2]["local"]["prompt_version"] == "label-v2"
+    other_prompt, other = CountingLabeler(), next(p for p in PROMPTS if p != PROMPT_VERSION)
+    run_label(LabelConfig(run=tmp_path, backend="local", sample=0, top=3, prompt=other), labeler=other_prompt)
+    assert other_prompt.calls == 3 and load_label_records(run)[2]["local"]["prompt_version"] == other  # not cached
     run_label(cfg, labeler=CountingLabeler())  # back to the default prompt: its labels are still cached
 
     records = load_label_records(run)
