@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from interpret.label_config import LabelConfig, ReviewConfig, ScoreConfig
-from interpret.labelers import PROMPT_VERSION, PROMPTS, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label, finish_label
+from interpret.label_config import PROMPTS, LabelConfig, ReviewConfig, ScoreConfig
+from interpret.labelers import PROMPT_VERSION, LocalLabeler, OpenAILabeler, StatsLabeler, _label_prompt, clean_label, finish_label
 from interpret.labels import load_label_records, load_labels, run_label
 from interpret.records import Example, FeatureEvidence
 from interpret.review import run_review
