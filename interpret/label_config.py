@@ -28,7 +28,7 @@ PROMPTS = ("label-v1", "label-v2")
 prefilled with "Common theme:"); v2 adds the marked tokens' counts, asks what they have in common — a word or word
 family, else a kind of token — the way layer-9 features mostly are (a neutral "Label:" prefill), and stores the
 answer followed by the three commonest marked tokens (`with_marked_tokens`)."""
-PROMPT_VERSION = "label-v1"
+PROMPT_VERSION = "label-v2"
 """The default of `features label --prompt`."""
 
 
