@@ -302,7 +302,7 @@ def test_openai_backend_sends_key_only_in_header(tmp_path, fake_openai, monkeypa
     assert len(_FakeOpenAI.requests) == 2  # 3 features in batches of 2
     assert all(r["auth"] == f"Bearer {secret}" for r in _FakeOpenAI.requests)
     assert all(r["body"]["model"] == "my-model" for r in _FakeOpenAI.requests)
-    assert load_labels(run) == {1: "topic 1", 2: "topic 2", 3: "Single topic"}  # a batch of one: plain prompt
+    assert load_labels(run) == {1: 'topic 1 ("cat")', 2: 'topic 2 ("dog")', 3: 'Single topic ("bird")'}  # a batch of one: plain prompt
     assert load_label_records(run)[1]["openai"]["model"] == "my-model"
 
     sim = OpenAILabeler(fake_openai + "/v1", "my-model", "FL_TEST_KEY")
@@ -490,7 +490,7 @@ def test_length_groups_bound_the_padding():
 
 
 def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):
-    labeler = LocalLabeler(tiny_frozen, max_new_tokens=4)
+    labeler = LocalLabeler(tiny_frozen, max_new_tokens=4, prompt="label-v1")  # v1: the answers as they are
     calls = []
 
     def generate(prompts, samples=0):
@@ -502,6 +502,8 @@ def test_local_labeler_retries_an_echo_with_samples(tiny_frozen, monkeypatch):
     monkeypatch.setattr(labeler, "_generate", generate)
     assert labeler.label([feature(1, "cat"), feature(2, "dog")]) == ["Cat nouns", "Dogs"]
     assert calls == [0, 4]
+    labeler.prompt_version = "label-v2"  # v2: each followed by its feature's commonest marked tokens
+    assert labeler.label([feature(1, "cat"), feature(2, "dog")]) == ['Cat nouns ("cat")', 'Dogs ("dog")']
 
 
 # -- review ---------------------------------------------------------------------------------------
