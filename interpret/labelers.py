@@ -97,14 +97,14 @@ def _one_line(text: str) -> str:
 
 def marked_token_counts(ev: FeatureEvidence, examples: int) -> Counter[str]:
     """How often each token is the peak of the first `examples` top contexts (stripped; bare whitespace quoted)."""
-    return Counter(ex.tokens[peak_index(ex)].strip() or repr(ex.tokens[peak_index(ex)])
-                   for ex in ev.top[:examples] if ex.tokens)
+    peaks = (ex.tokens[peak_index(ex)] for ex in ev.top[:examples] if ex.tokens)
+    return Counter(token.strip() or repr(token) for token in peaks)
 
 
 def with_marked_tokens(label: str, ev: FeatureEvidence, examples: int, n: int = 3) -> str:
     """label-v2's label: the model's words, then the `n` commonest marked tokens, which a lexical feature is about."""
     tokens = ", ".join(f'"{t}"' for t, _ in marked_token_counts(ev, examples).most_common(n))
-    return f"{label} ({tokens})" if label and tokens else label
+    return f"{label} ({tokens})" if tokens else label
 
 
 def finish_label(label: str, ev: FeatureEvidence, examples: int, version: str) -> str:
